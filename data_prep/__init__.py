@@ -1,0 +1,1 @@
+"""Offline conversion of raw datasets into WebDataset shards + manifest.parquet."""

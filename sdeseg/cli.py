@@ -1,0 +1,82 @@
+"""The ``sdeseg`` command.
+
+Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config),
+``demo`` (the whole pipeline on the embedded synthetic dataset), ``eval``,
+``predict`` and ``tune``. Heavy modules are imported inside each handler so
+``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# prep targets: name -> module with add_arguments(parser) and run(args) -> int
+PREP_TARGETS = {
+    "synthetic": "data_prep.synthetic",
+    "cityscapes": "data_prep.cityscapes",
+    "gta": "data_prep.gta",
+}
+
+# other subcommands: name -> (module, help); each module has add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "train": ("sdeseg.commands.train", "train one stage from a config file (on a Ray cluster)"),
+    "demo": ("sdeseg.commands.demo", "synthetic data -> SDE -> semi-supervised segmentation -> report"),
+    "eval": ("sdeseg.commands.evaluate", "evaluate an exported model on a shard directory"),
+    "predict": ("sdeseg.commands.predict", "write depth / segmentation predictions for images"),
+    "tune": ("sdeseg.commands.tune", "hyper-parameter search with Ray Tune"),
+}
+
+PREP_HELP = {
+    "synthetic": "render the embedded procedural street-scene dataset",
+    "cityscapes": "convert the official Cityscapes layout (sequences, gtFine, camera)",
+    "gta": "convert GTA5 (images/, labels/)",
+}
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdeseg", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prep = sub.add_parser("prep", help="convert a dataset into WebDataset shards + manifest")
+    prep_sub = prep.add_subparsers(dest="target", required=True, metavar="DATASET")
+    for name, module in PREP_TARGETS.items():
+        mod = _load(module)
+        if mod is None:
+            continue
+        p = prep_sub.add_parser(name, help=PREP_HELP[name], description=PREP_HELP[name])
+        mod.add_arguments(p)
+        p.set_defaults(handler=mod.run)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = _load(module)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(handler=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sdeseg.config import ConfigError
+    from sdeseg.data.manifest import DatasetError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, DatasetError) as e:
+        print(f"sdeseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

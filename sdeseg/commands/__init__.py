@@ -1,0 +1,1 @@
+"""Handlers of the sdeseg subcommands (one module each)."""

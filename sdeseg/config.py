@@ -1,0 +1,462 @@
+"""One typed configuration tree for every stage.
+
+Presets live in ``sdeseg/configs/*.yaml``. A preset may name another preset it
+extends (``base: demo_sde.yaml``); command-line overrides are dotted
+``key=value`` pairs (``data.size=128x256``, ``optim.lr=2e-4``). Unknown keys and
+values of the wrong type are errors that name the key; impossible combinations
+are rejected in ``__post_init__``. The resolved config is saved with every run
+(``save_config``) and reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+Size = tuple[int, int]
+
+
+def parse_size(value: Any, key: str = "size") -> Size:
+    """``"96x192"``, ``[96, 192]`` or ``(96, 192)`` -> ``(96, 192)`` (height, width)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+        if not m:
+            raise ConfigError(f"{key}: expected HxW such as 96x192, got {value!r}")
+        value = (int(m.group(1)), int(m.group(2)))
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(f"{key}: expected HxW such as 96x192, got {value!r}")
+    if value[0] <= 0 or value[1] <= 0:
+        raise ConfigError(f"{key}: height and width must be positive, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Augmentations applied by the reader (training split only)."""
+
+    crop: bool = True  # random crop to data.size (otherwise resize-free centre crop)
+    hflip: bool = True  # horizontal flip; K is flipped consistently
+    brightness: float = 0.2  # colour jitter magnitudes for the photometric branch
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"data.augment.{name}", "must be in [0, 1)")
+        _check(0.0 <= self.hue <= 0.5, "data.augment.hue", "must be in [0, 0.5]")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how batches are formed."""
+
+    root: str = "data/synthetic"  # directory or fsspec URL with *.tar shards and manifest.parquet
+    train_split: str = "train"
+    val_split: str = "val"
+    domain: str | None = None  # keep only samples of this domain (None: all)
+    size: Size = (96, 192)  # training crop, height x width
+    batch_size: int = 8  # per rank: sequence/unlabeled batch (DeepSpeed micro-batch)
+    labeled_batch_size: int = 4  # per rank: labeled batch in semi-supervised stages
+    val_batch_size: int = 8
+    num_workers: int = 1  # DataLoader worker processes per rank
+    shuffle_buffer: int = 64  # samples held for shuffling per DataLoader worker
+    max_corrupt_fraction: float = 0.01  # fail when more than this fraction of samples is undecodable
+    labeled_keys: str | None = None  # text file with one key per line (None: draw num_labeled at random)
+    num_labeled: int = 0  # size of the random labeled subset when labeled_keys is None
+    labeled_seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        self.size = parse_size(self.size, "data.size")
+        for name in ("batch_size", "labeled_batch_size", "val_batch_size"):
+            _check(getattr(self, name) >= 1, f"data.{name}", "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(0.0 <= self.max_corrupt_fraction <= 1.0, "data.max_corrupt_fraction", "must be in [0, 1]")
+        _check(self.num_labeled >= 0, "data.num_labeled", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Encoder / decoders of the depth, pose and segmentation networks."""
+
+    encoder: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    width: int = 64  # channels of the ResNet stem (64 = standard, published weights need 64)
+    pretrained: str | None = None  # path to a torchvision-format ImageNet state_dict (no download)
+    dilate_last: bool = False  # dilate the last stage: output stride 16
+    aspp: bool = False  # ASPP as the first decoder block (as in the paper's code)
+    decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    num_classes: int = 19
+    pose_encoder: Literal["resnet18", "resnet34"] = "resnet18"
+    pose_width: int = 64
+    pose_rot_scale: float = 0.01  # output scale of axis-angle rotation
+    pose_trans_scale: float = 1.0  # output scale of translation (0.01 collapsed disparity, see README)
+    multitask: bool = False  # depth and segmentation decoders side by side, exchanging features
+    exchange_level: int = 2  # decoder block after which features are exchanged
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 8 and self.width % 8 == 0, "model.width", "must be a multiple of 8, >= 8")
+        _check(self.pose_width >= 8 and self.pose_width % 8 == 0, "model.pose_width", "must be a multiple of 8")
+        _check(len(self.decoder_channels) == 5, "model.decoder_channels", "needs 5 entries (one per scale)")
+        _check(all(c > 0 for c in self.decoder_channels), "model.decoder_channels", "must be positive")
+        _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
+        _check(0 <= self.exchange_level <= 4, "model.exchange_level", "must be in [0, 4]")
+        if self.pretrained is not None and self.width != 64:
+            raise ConfigError("model.pretrained: published ImageNet weights need model.width=64")
+
+
+@dataclass(kw_only=True)
+class DepthLossConfig:
+    """Monodepth2-style self-supervised depth loss."""
+
+    ssim_weight: float = 0.85  # alpha in alpha*(1-SSIM)/2 + (1-alpha)*L1
+    smoothness: float = 1e-3  # edge-aware smoothness weight (divided by 2^scale)
+    min_depth: float = 0.1
+    max_depth: float = 100.0
+    num_scales: int = 4  # disparity scales, each upsampled to input resolution
+    automask: bool = True  # identity-reprojection auto-masking of static pixels
+    feature_distance: float = 0.0  # ImageNet feature-distance weight (needs model.pretrained)
+    weight: float = 1.0  # weight of the whole depth loss in multi-task training
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.ssim_weight <= 1.0, "depth_loss.ssim_weight", "must be in [0, 1]")
+        _check(0.0 < self.min_depth < self.max_depth, "depth_loss.min_depth", "need 0 < min_depth < max_depth")
+        _check(1 <= self.num_scales <= 4, "depth_loss.num_scales", "must be in [1, 4]")
+        _check(self.smoothness >= 0 and self.feature_distance >= 0, "depth_loss", "weights must be >= 0")
+
+
+@dataclass(kw_only=True)
+class SemisegConfig:
+    """Mean teacher, mixing and pseudo-label loss of the semi-supervised stage."""
+
+    ignore_index: int = 255
+    mix: Literal["none", "classmix", "depthmix"] = "depthmix"
+    mix_depth: Literal["pseudo", "online"] = "pseudo"  # SDE-model depth, or the multi-task student's
+    mix_eps: float = 0.0
+    mix_labeled: bool = True  # labeled images join the mixing pool with their ground truth
+    pseudo_label: bool = True  # False: supervised-only baseline
+    pseudo_threshold: float = 0.968
+    unsup_weight: float = 1.0
+    aux_weight: float = 0.5  # auxiliary segmentation output of the multi-task model
+    ema_alpha_max: float = 0.99
+    blur: bool = True  # Gaussian blur on the mixed student input
+    color_jitter: float = 0.2  # colour jitter magnitude on the mixed student input
+    sde_checkpoint: str | None = None  # exported SDE model: transfer init and pseudo-depth
+    transfer: bool = True  # initialise encoder + decoder from sde_checkpoint
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.pseudo_threshold <= 1.0, "semiseg.pseudo_threshold", "must be in [0, 1]")
+        _check(0.0 <= self.ema_alpha_max < 1.0, "semiseg.ema_alpha_max", "must be in [0, 1)")
+        _check(self.unsup_weight >= 0 and self.aux_weight >= 0, "semiseg", "loss weights must be >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-4  # heads / decoders
+    encoder_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "step", "poly"] = "constant"
+    step_size: int = 1000  # step schedule: multiply by gamma every step_size steps
+    gamma: float = 0.1
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.encoder_lr is None or self.encoder_lr > 0, "optim.encoder_lr", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.step_size >= 1, "optim.step_size", "must be >= 1")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    log_every: int = 10
+    val_every: int = 250  # 0: only at the end
+    val_batches: int = 0  # 0: the whole validation split
+    ckpt_every: int = 200  # 0: only at the end
+    seed: int = 0
+    export_best: str = "depth/abs_rel"  # metric that selects the best export (lower is better)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        for name in ("val_every", "val_batches", "ckpt_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """How a stage is run: Ray Train scaling, DeepSpeed engine, fault tolerance."""
+
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    torch_threads: int = 1  # intra-op threads per worker (CPU)
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float = 0.0  # 0: off
+    grad_accum: int = 1
+    max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
+    run_name: str | None = None  # same name + storage -> resume; None: derived from the run dir
+    storage_path: str | None = None  # Ray Train storage (local dir or URL); None: <run_dir>/ray
+    ops_backend: Literal["auto", "reference", "triton"] = "auto"
+    in_process: bool = False  # run the stage in this process without Ray (tests, debugging)
+    metrics_port: int = 0  # >0: Prometheus endpoint on rank 0 at this port
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "runtime.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker > 0, "runtime.gpus_per_worker", "must be > 0")
+        _check(self.torch_threads >= 1, "runtime.torch_threads", "must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "runtime.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.grad_accum >= 1, "runtime.grad_accum", "must be >= 1")
+        _check(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConfigError("runtime.precision: fp16 needs runtime.use_gpu=true (use bf16 or fp32 on CPU)")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run. ``stage`` picks the training stage."""
+
+    stage: Literal["sde", "semiseg"] = "sde"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    depth_loss: DepthLossConfig = field(default_factory=DepthLossConfig)
+    semiseg: SemisegConfig = field(default_factory=SemisegConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage == "semiseg" and self.semiseg.mix_depth == "online" and not self.model.multitask:
+            raise ConfigError("semiseg.mix_depth: 'online' needs model.multitask=true")
+        if self.depth_loss.feature_distance > 0 and self.model.pretrained is None:
+            raise ConfigError(
+                "depth_loss.feature_distance: needs model.pretrained (an ImageNet state_dict file path)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is Size or (origin is tuple and args == (int, int)):
+        return parse_size(value, key) if tp is Size else _coerce_tuple(value, args, key)
+    if origin is tuple:
+        return _coerce_tuple(value, args, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    if isinstance(value, str) and args and args[0] is int:
+        value = [int(v) for v in re.split(r"[x,\s]+", value.strip()) if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix}: {e}") from e
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A preset name (``demo_sde``), file name (``demo_sde.yaml``) or path -> existing path."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (presets: {presets})")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = resolve_preset(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        data = _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"data.size=128x256"`` -> (["data", "size"], "128x256"); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node[p] = dict(child)
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply dotted overrides, validate, return the config."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
