@@ -241,7 +241,7 @@ class RuntimeConfig:
         _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", "must be > 0")
         _check(self.gpus_per_worker > 0, "runtime.gpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 1, "runtime.torch_threads", "must be >= 1")
-        _check(self.zero_stage in (0, 1, 2, 3), "runtime.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.zero_stage in (0, 1, 2), "runtime.zero_stage", "must be 0, 1 or 2")
         _check(self.grad_accum >= 1, "runtime.grad_accum", "must be >= 1")
         _check(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
         if self.precision == "fp16" and not self.use_gpu:
@@ -450,7 +450,11 @@ def from_dict(data: dict[str, Any]) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a preset or YAML file, apply dotted overrides, validate, return the config."""
     data = _read_yaml(Path(path)) if path is not None else {}
-    return from_dict(apply_overrides(data, overrides or []))
+    try:
+        return from_dict(apply_overrides(data, overrides or []))
+    except ConfigError as e:
+        where = f"{resolve_preset(path)}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from e
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -102,3 +102,38 @@ def depth_errors(
     if count == 0:
         return dict.fromkeys(DEPTH_KEYS, math.nan)
     return {k: v / count for k, v in sums.items()}
+
+
+class DepthMetric:
+    """Accumulates :func:`depth_errors` over batches (and ranks) as per-image sums.
+
+    ``state()`` is a flat float64 tensor (sums then the image count) that can be
+    all-reduced; ``merge`` adds such a tensor; ``compute`` returns the averages.
+    """
+
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, median_scaling: bool = True):
+        self.kw = {"min_depth": min_depth, "max_depth": max_depth, "median_scaling": median_scaling}
+        self.sums = torch.zeros(len(DEPTH_KEYS) + 1, dtype=torch.float64)
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """pred, gt: (N,H,W) or (N,1,H,W) depth in metres."""
+        if pred.dim() == 4:
+            pred, gt = pred[:, 0], gt[:, 0]
+        for p, g in zip(pred, gt):
+            errs = depth_errors(p[None], g[None], **self.kw)
+            if math.isnan(errs["abs_rel"]):
+                continue
+            self.sums[:-1] += torch.tensor([errs[k] for k in DEPTH_KEYS], dtype=torch.float64)
+            self.sums[-1] += 1
+
+    def state(self) -> torch.Tensor:
+        return self.sums.clone()
+
+    def merge(self, state: torch.Tensor) -> None:
+        self.sums += state.to("cpu", torch.float64)
+
+    def compute(self) -> dict:
+        n = float(self.sums[-1])
+        if n == 0:
+            return dict.fromkeys(DEPTH_KEYS, math.nan)
+        return {k: float(v) / n for k, v in zip(DEPTH_KEYS, self.sums[:-1])}

@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule from the typed config (plain PyTorch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdeseg.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two groups: encoder parameters (``cfg.encoder_lr``) and everything else (``cfg.lr``).
+
+    A parameter belongs to the encoder when a component of its name is ``encoder``
+    (e.g. ``depth.encoder.layer1.0.conv1.weight``); frozen parameters are left out.
+    """
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (enc if "encoder" in name.split(".") else rest).append(p)
+    enc_lr = cfg.encoder_lr if cfg.encoder_lr is not None else cfg.lr
+    groups = [{"params": rest, "lr": cfg.lr, "name": "heads"}]
+    if enc:
+        groups.insert(0, {"params": enc, "lr": enc_lr, "name": "encoder"})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    warm = 1.0 if cfg.warmup_steps == 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.schedule == "step":
+        return warm * cfg.gamma ** (step // cfg.step_size)
+    if cfg.schedule == "poly":
+        return warm * max(0.0, 1.0 - step / max(total, 1)) ** cfg.poly_power
+    return warm
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def assert_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Stop early with a clear message rather than train on NaN."""
+    for k, v in losses.items():
+        if not math.isfinite(float(v)):
+            raise FloatingPointError(f"loss {k} is {float(v)} at step {step}")
