@@ -1,0 +1,279 @@
+"""Training augmentations of one decoded sample: crop, horizontal flip, colour jitter.
+
+Pure functions; every random choice comes from an explicit ``numpy.random.Generator``
+so that the reader can recreate the exact augmentation of any sample from its seed
+(that is what makes a resumed stream bit-identical to an uninterrupted one).
+
+Geometry conventions follow ``sdeseg.ops.inverse_warp``: pixel (u, v) = (column, row),
+integer coordinates are pixel *centres*, K maps camera points to those pixels and
+``T`` maps points of frame 0's camera into the neighbour's camera.
+
+* Crop: one window for all frames, label and depth; ``cx -= x0``, ``cy -= y0``.
+* Flip: ``u' = (W-1) - u``. The camera is mirrored too (``x' = -x``), so
+  ``K' = A K F3`` with ``A = [[-1,0,W-1],[0,1,0],[0,0,1]]``, ``F3 = diag(-1,1,1)``
+  (that is ``cx' = (W-1) - cx``, skew negated) and ``T' = F T F`` with
+  ``F = diag(-1,1,1,1)``. Warping the flipped frames with the flipped K/T/depth
+  equals flipping the warped result (``tests/test_augment.py``).
+* Colour jitter (brightness, contrast, saturation, hue; torchvision semantics) is
+  drawn once per sample and applied to every frame, producing ``images_aug``; the
+  un-jittered ``images`` feed the photometric loss (Monodepth2 practice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdeseg.config import AugmentConfig
+
+FLIP_T = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirror x of a camera frame (homogeneous)
+FLIP_3 = np.diag([-1.0, 1.0, 1.0])
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses them
+LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def crop_window(height: int, width: int, crop: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
+    """Top-left corner ``(y0, x0)`` of a ``crop = (h, w)`` window in an image of ``height x width``.
+
+    Random (uniform over all valid positions) with ``rng``; centred when ``rng`` is None.
+    A stored image exactly the crop size gives ``(0, 0)``; a smaller one is an error.
+    """
+    ch, cw = crop
+    if height < ch or width < cw:
+        raise ValueError(
+            f"stored image {height}x{width} is smaller than the crop {ch}x{cw}: "
+            "lower data.size or prepare the shards at a larger size"
+        )
+    if rng is None:
+        return (height - ch) // 2, (width - cw) // 2
+    y0 = int(rng.integers(0, height - ch + 1))
+    x0 = int(rng.integers(0, width - cw + 1))
+    return y0, x0
+
+
+def crop_K(K: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """(3,3) intrinsics of the window whose top-left pixel is (row y0, column x0) of the image."""
+    K = np.array(K, dtype=np.float64)
+    K[0, 2] -= x0
+    K[1, 2] -= y0
+    return K
+
+
+def flip_K(K: np.ndarray, width: int) -> np.ndarray:
+    """(3,3) intrinsics of the horizontally flipped image of ``width`` pixels (pixel-centre convention)."""
+    A = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return A @ np.asarray(K, dtype=np.float64) @ FLIP_3
+
+
+def flip_T(T: np.ndarray) -> np.ndarray:
+    """(4,4) camera transform expressed in the mirrored cameras: ``F T F``."""
+    return FLIP_T @ np.asarray(T, dtype=np.float64) @ FLIP_T
+
+
+@dataclass
+class Geometric:
+    """The geometric augmentation of one sample (same for all its frames)."""
+
+    y0: int
+    x0: int
+    height: int  # output size
+    width: int
+    flip: bool
+
+
+def draw_geometric(
+    height: int,
+    width: int,
+    crop: tuple[int, int] | None,
+    augment: AugmentConfig | None,
+    rng: np.random.Generator,
+) -> Geometric:
+    """Draw the crop window and flip of a ``height x width`` sample.
+
+    ``crop=None`` keeps the full image. Without ``augment`` (or with ``augment.crop`` off)
+    the window is centred and there is no flip.
+    """
+    if crop is None:
+        y0, x0, ch, cw = 0, 0, height, width
+    else:
+        random_crop = augment is not None and augment.crop
+        y0, x0 = crop_window(height, width, crop, rng if random_crop else None)
+        ch, cw = crop
+    # Draw the flip even when disabled would shift the stream; only draw when enabled.
+    flip = bool(augment is not None and augment.hflip and rng.random() < 0.5)
+    return Geometric(y0, x0, ch, cw, flip)
+
+
+def apply_geometric(sample: dict[str, Any], geo: Geometric) -> dict[str, Any]:
+    """Crop and flip a decoded sample (``sdeseg.data.codec.decode_sample`` layout).
+
+    Args:
+        sample: ``{"key", "meta", "frames": {fid: (H,W,3) uint8}, "label": (H,W) uint8 | None,
+            "depth": (H,W) float32 | None}``; ``meta["K"]`` (3,3), optional ``meta["T_prev"]``,
+            ``meta["T_next"]`` (4,4).
+
+    Returns:
+        ``{"key", "frames": {fid: (h,w,3) uint8}, "label": (h,w) | None, "depth": (h,w) | None,
+        "K": (3,3) float64, "T": {-1: (4,4), 1: (4,4)} (those present)}``. Arrays may be views.
+    """
+    ys = slice(geo.y0, geo.y0 + geo.height)
+    xs = slice(geo.x0, geo.x0 + geo.width)
+    step = -1 if geo.flip else 1
+
+    def cut(a):
+        return None if a is None else a[ys, xs][:, ::step]
+
+    K = crop_K(sample["meta"]["K"], geo.y0, geo.x0)
+    T = {}
+    for fid, name in ((-1, "T_prev"), (1, "T_next")):
+        if name in sample["meta"]:
+            T[fid] = np.asarray(sample["meta"][name], dtype=np.float64)
+    if geo.flip:
+        K = flip_K(K, geo.width)
+        T = {fid: flip_T(t) for fid, t in T.items()}
+    return {
+        "key": sample["key"],
+        "frames": {fid: cut(img) for fid, img in sample["frames"].items()},
+        "label": cut(sample["label"]),
+        "depth": cut(sample["depth"]),
+        "K": K,
+        "T": T,
+    }
+
+
+# ----------------------------------------------------------------------------- colour
+
+
+@dataclass
+class Jitter:
+    """Colour-jitter factors of one sample; ``order`` is a permutation of 0..3 (b, c, s, h)."""
+
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    order: tuple[int, ...] = (0, 1, 2, 3)
+
+    @property
+    def identity(self) -> bool:
+        return self.brightness == 1.0 and self.contrast == 1.0 and self.saturation == 1.0 and self.hue == 0.0
+
+
+def draw_jitter(augment: AugmentConfig | None, rng: np.random.Generator) -> Jitter:
+    """Factors uniform in ``[1-m, 1+m]`` (hue: ``[-m, m]``) and a random order, like torchvision.
+
+    Draws nothing when every magnitude is zero, so turning jitter off does not change the
+    other random choices of a sample.
+    """
+    if augment is None or not (augment.brightness or augment.contrast or augment.saturation or augment.hue):
+        return Jitter()
+
+    def factor(m: float) -> float:
+        return float(rng.uniform(max(0.0, 1.0 - m), 1.0 + m)) if m > 0 else 1.0
+
+    b, c, s = factor(augment.brightness), factor(augment.contrast), factor(augment.saturation)
+    h = float(rng.uniform(-augment.hue, augment.hue)) if augment.hue > 0 else 0.0
+    return Jitter(b, c, s, h, tuple(int(i) for i in rng.permutation(4)))
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    """(...,3,H,W) -> (...,1,H,W) luma."""
+    r, g, b = img.unbind(-3)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(-3)
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """(...,3,H,W) RGB in [0,1] -> HSV with hue in [0,1)."""
+    r, g, b = img.unbind(-3)
+    maxc, _ = img.max(dim=-3)
+    minc, _ = img.min(dim=-3)
+    delta = maxc - minc
+    v = maxc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))  # hue is 0 for greys
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], dim=-3)
+
+
+def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`: (...,3,H,W) HSV -> RGB."""
+    h, s, v = img.unbind(-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # sector i -> (r, g, b) from (v, t, p, q): the standard six-sector table
+    r = torch.stack([v, q, p, p, t, v], -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+    g = torch.stack([t, v, v, q, p, p], -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+    b = torch.stack([p, p, t, v, v, q], -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+    return torch.stack([r, g, b], dim=-3)
+
+
+def color_jitter(img: torch.Tensor, jitter: Jitter) -> torch.Tensor:
+    """Apply one sample's jitter to (F,3,H,W) float frames in [0,1] (all frames alike).
+
+    Contrast blends each frame with its own mean luma, saturation with its per-pixel luma
+    (torchvision's definitions); results are clamped to [0,1] after every step.
+    """
+    if jitter.identity:
+        return img
+    for op in jitter.order:
+        if op == 0 and jitter.brightness != 1.0:
+            img = (img * jitter.brightness).clamp(0.0, 1.0)
+        elif op == 1 and jitter.contrast != 1.0:
+            mean = _gray(img).mean(dim=(-3, -2, -1), keepdim=True)
+            img = (jitter.contrast * img + (1.0 - jitter.contrast) * mean).clamp(0.0, 1.0)
+        elif op == 2 and jitter.saturation != 1.0:
+            img = (jitter.saturation * img + (1.0 - jitter.saturation) * _gray(img)).clamp(0.0, 1.0)
+        elif op == 3 and jitter.hue != 0.0:
+            hsv = rgb_to_hsv(img)
+            hsv = torch.stack([(hsv[..., 0, :, :] + jitter.hue) % 1.0, hsv[..., 1, :, :], hsv[..., 2, :, :]], -3)
+            img = hsv_to_rgb(hsv).clamp(0.0, 1.0)
+    return img
+
+
+# ----------------------------------------------------------------------------- one sample
+
+
+def to_float_image(img: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 (possibly a strided view) -> (3,H,W) float32 in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+def augment_sample(
+    sample: dict[str, Any],
+    crop: tuple[int, int] | None,
+    augment: AugmentConfig | None,
+    rng: np.random.Generator,
+    frames: tuple[int, ...],
+) -> dict[str, Any]:
+    """Decoded sample -> tensors of one training example.
+
+    Returns ``{"key", "images": {fid: (3,h,w)}, "images_aug": {fid: (3,h,w)}, "K": (3,3),
+    "label": (h,w) int64 | None, "depth": (1,h,w) | None, "T": {fid: (4,4)}}`` (float32).
+    """
+    h, w = sample["frames"][0].shape[:2]
+    geo = draw_geometric(h, w, crop, augment, rng)
+    jit = draw_jitter(augment, rng)
+    out = apply_geometric(sample, geo)
+    stacked = torch.stack([to_float_image(out["frames"][fid]) for fid in frames])  # (F,3,h,w)
+    aug = color_jitter(stacked, jit)
+    label = out["label"]
+    depth = out["depth"]
+    return {
+        "key": out["key"],
+        "images": dict(zip(frames, stacked.unbind(0))),
+        "images_aug": dict(zip(frames, aug.unbind(0))) if aug is not stacked else None,
+        "K": torch.from_numpy(out["K"]).float(),
+        "label": None if label is None else torch.from_numpy(np.ascontiguousarray(label)).long(),
+        "depth": None if depth is None else torch.from_numpy(np.ascontiguousarray(depth)).float().unsqueeze(0),
+        "T": {fid: torch.from_numpy(t).float() for fid, t in out["T"].items() if fid in frames},
+    }
