@@ -109,7 +109,8 @@ def plan_shards(jobs: Iterable[Job], shard_size: int) -> list[ShardPlan]:
     plans: list[ShardPlan] = []
     for (domain, split), group in groups.items():
         for i in range(0, len(group), shard_size):
-            plans.append(ShardPlan(shard_name(domain, split, i // shard_size), tuple(group[i : i + shard_size])))
+            name = shard_name(domain, split, i // shard_size)
+            plans.append(ShardPlan(name, tuple(group[i : i + shard_size])))
     return plans
 
 
@@ -124,9 +125,14 @@ def _tmp_name(path: str) -> str:
 
 def _atomic_write_bytes(fs, path: str, data: bytes) -> None:
     tmp = _tmp_name(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
 
 
 def _normalise_settings(settings: dict | None) -> dict:
@@ -134,7 +140,9 @@ def _normalise_settings(settings: dict | None) -> dict:
     return json.loads(json.dumps(settings or {}, sort_keys=True))
 
 
-def convert_shard(root: str, plan: ShardPlan, convert: Callable[[Job], dict], settings: dict | None = None) -> dict:
+def convert_shard(
+    root: str, plan: ShardPlan, convert: Callable[[Job], dict], settings: dict | None = None
+) -> dict:
     """Convert one shard (runs in a worker process or Ray task). Returns its sidecar record.
 
     The tar is written under a temporary name and renamed when complete; the sidecar
@@ -332,7 +340,8 @@ def write_shards(
         (records.append(rec) if rec is not None else todo.append(plan))
     if conflicts:
         name, old = conflicts[0]
-        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
+        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)}
         raise PrepError(
             f"{desc}: {len(conflicts)} finished shards in {out} were written with other settings "
             f"(e.g. {name}: {', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
@@ -340,11 +349,15 @@ def write_shards(
         )
     resumed = len(records)
 
+    # workers get an absolute URL: a relative local path would resolve against their own cwd
+    root_url = fs.unstrip_protocol(path)
     run = executor or local_executor(procs if procs is not None else max(1, os.cpu_count() or 1))
     bar = tqdm(total=len(jobs), initial=sum(len(r["rows"]) + len(r["skipped"]) for r in records),
                desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     try:
-        for rec in run(convert_shard, [(out, plan, convert, settings) for plan in todo]):
+        # nothing to do (a finished run again) must not start workers or a Ray cluster
+        results = run(convert_shard, [(root_url, plan, convert, settings) for plan in todo]) if todo else ()
+        for rec in results:
             records.append(rec)
             bar.update(len(rec["rows"]) + len(rec["skipped"]))
             bar.set_postfix(skipped=sum(len(r["skipped"]) for r in records), refresh=False)
@@ -359,12 +372,16 @@ def write_shards(
     _atomic_write_bytes(fs, join(path, REPORT_NAME), json.dumps(report, indent=2).encode())
     if not rows:
         first = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
-        raise PrepError(f"{desc}: no usable samples in {len(jobs)} inputs{first} (all reasons in {join(out, REPORT_NAME)})")
+        raise PrepError(
+            f"{desc}: no usable samples in {len(jobs)} inputs{first} "
+            f"(all reasons in {join(out, REPORT_NAME)})"
+        )
     frac = len(skipped) / len(jobs)
     if frac > max_skip_fraction:
         raise PrepError(
-            f"{desc}: skipped {len(skipped)} of {len(jobs)} inputs ({frac:.1%} > limit {max_skip_fraction:.1%}, "
-            f"see --max-skip-fraction); first: {skipped[0]['key']}: {skipped[0]['reason']} "
+            f"{desc}: skipped {len(skipped)} of {len(jobs)} inputs "
+            f"({frac:.1%} > limit {max_skip_fraction:.1%}, see --max-skip-fraction); "
+            f"first: {skipped[0]['key']}: {skipped[0]['reason']} "
             f"(all reasons in {join(out, REPORT_NAME)})"
         )
     kept = _kept_manifest_rows(out, fs, path, plans)
@@ -438,7 +455,8 @@ def format_report(report: dict, max_lines: int = 10) -> str:
     freq = {k: v for k, v in report["class_frequency"].items() if v > 0}
     if freq:
         lines.append("  class frequency (% of labeled pixels):")
-        lines.append("    " + ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(freq.items(), key=lambda kv: -kv[1])))
+        ranked = sorted(freq.items(), key=lambda kv: -kv[1])
+        lines.append("    " + ", ".join(f"{k} {100 * v:.1f}" for k, v in ranked))
     return "\n".join(lines)
 
 
@@ -449,10 +467,11 @@ def format_report(report: dict, max_lines: int = 10) -> str:
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_shard_size: int = 64) -> None:
     """Options every ``sdeseg prep`` target takes (output, parallelism, limits, format)."""
-    parser.add_argument("--out", required=True,
-                        help="output directory: a path or fsspec URL (file://, s3://, gs:// with the backend installed)")
+    parser.add_argument("--out", required=True, help="output directory: a path or fsspec URL "
+                        "(file://; s3://, gs:// with the fsspec backend installed)")
     g = parser.add_argument_group("conversion")
-    g.add_argument("--shard-size", type=int, default=default_shard_size, help="samples per shard (default %(default)s)")
+    g.add_argument("--shard-size", type=int, default=default_shard_size,
+                   help="samples per shard (default %(default)s)")
     g.add_argument("--procs", type=int, default=None, help="local worker processes (default: all CPU cores)")
     g.add_argument("--ray", action="store_true",
                    help="convert shards as Ray tasks (connects to RAY_ADDRESS or starts a local cluster)")
@@ -518,7 +537,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """``"512x1024"`` -> (512, 1024) (height, width)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"size must be HxW with positive integers, e.g. 512x1024; got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be HxW, positive integers (e.g. 512x1024), got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -621,10 +640,11 @@ def find_layout_hint(fs, root: str, wanted: tuple[str, ...], depth: int = 2) -> 
     Looks below ``root`` (up to ``depth`` levels, e.g. ROOT/cityscapes) and at its
     parents (ROOT given as ROOT/leftImg8bit or ROOT/leftImg8bit/train).
     """
-    level = [root]
+    level, budget = [root], 200  # bounded: on object storage every listing is a request
     for _ in range(depth):
         nxt = []
-        for d in level:
+        for d in level[:budget]:
+            budget -= 1
             try:
                 children = sorted(e["name"] for e in fs.ls(d, detail=True) if e["type"] == "directory")
             except OSError:

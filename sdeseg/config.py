@@ -207,7 +207,8 @@ class TrainConfig:
     val_batches: int = 0  # 0: the whole validation split
     ckpt_every: int = 200  # 0: only at the end
     seed: int = 0
-    export_best: str = "depth/abs_rel"  # metric that selects the best export (lower is better)
+    export_best: str = "depth/abs_rel"  # SDE: metric that selects the best export (lower is better)
+    log_keys: bool = False  # write the sample keys of every step to metrics.jsonl (kind "keys")
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "must be >= 1")

@@ -13,7 +13,7 @@ CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 MANIFESTS = sorted(p for p in (ROOT / "cluster").glob("*.yaml") if "apiVersion: ray.io/" in p.read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema(kind: str) -> dict:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for crd_file in CRD_DIR.glob(f"ray.io_{kind.lower()}s.yaml"):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from sdeseg.data.augment import to_float
 from sdeseg.data.batch import Batch
 from sdeseg.data.classes import IGNORE_INDEX
 from sdeseg.data.codec import FRAME_NAMES, SampleError, decode_sample
@@ -90,7 +91,8 @@ class ShardIndex:
             idx = [
                 i
                 for i, k in enumerate(skeys)
-                if self._matches(self.rows[k], split, domain) and (want is None or k in want) and k not in drop
+                if self._matches(self.rows[k], split, domain) and (want is None or k in want)
+                and k not in drop
             ]
             if idx:
                 out[name] = idx
@@ -134,7 +136,8 @@ class ShardIndex:
 
 
 def unknown_keys_error(root: str, unknown: list[str], split: str | None, domain: str | None) -> DatasetError:
-    where = " and ".join(p for p in (f"split {split!r}" if split else "", f"domain {domain!r}" if domain else "") if p)
+    parts = (f"split {split!r}" if split else "", f"domain {domain!r}" if domain else "")
+    where = " and ".join(p for p in parts if p)
     shown = ", ".join(repr(k) for k in unknown[:5])
     return DatasetError(
         f"{len(unknown)} key(s) are not in {join(root, 'manifest.parquet')}"
@@ -166,8 +169,7 @@ def scan_shard(
     Raises:
         DatasetError: the tar disagrees with the manifest up to the last wanted position
             (another key at a position, or the tar ends early); names the file and key.
-        BrokenShard: the tar stream is unreadable; ``.index`` is the first position not
-            delivered.
+        BrokenShard: the tar stream is unreadable from some point on (truncated, bad header).
     """
     url = join(root, shard)
     wanted = sorted(set(wanted))
@@ -223,10 +225,10 @@ def scan_shard(
     if st["error"]:
         raise DatasetError(st["error"])
     if st.get("error_broken"):
-        # the sample being assembled may have lost members: do not deliver it
-        first = current_pos if current is not None else st["pos"] + (0 if current is None else 1)
-        raise BrokenShard(f"shard {url} is unreadable after sample #{max(st['pos'], 0)}: {st['error_broken']}",
-                          max(first, 0))
+        # The sample being assembled may have lost members: it is not delivered. The caller
+        # treats every wanted sample it did not receive as corrupt.
+        first = max(st["pos"], 0)
+        raise BrokenShard(f"shard {url} is unreadable from sample #{first} on: {st['error_broken']}")
     if current is not None:
         yield current_pos, current
     if st["pos"] + 1 < stop:
@@ -251,16 +253,17 @@ def decode_members(members: dict[str, Any], frames: tuple[int, ...], labels: boo
     absent = [fid for fid in frames if fid not in sample["frames"]]
     if absent:
         names = ", ".join(FRAME_NAMES[f] for f in absent)
-        raise SampleError(f"{sample['key']}: frames {names} requested (frames={frames}) but not in the sample")
+        raise SampleError(f"{sample['key']}: frames {names} requested (frames={frames}), not in the sample")
     return sample
 
 
-def collate(samples: list[dict[str, Any]], frames: tuple[int, ...]) -> Batch:
+def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bool = True) -> Batch:
     """Stack per-sample tensors (``augment.augment_sample`` layout) into a Batch.
 
-    Shapes: images/images_aug {fid: (B,3,H,W)}, K/inv_K (B,3,3), label (B,H,W) int64 with
-    255 for unlabeled samples (None when no sample has one), depth (B,1,H,W) with 0 where a
-    sample has none (None when none has), T {fid: (B,4,4)} only when every sample has it.
+    Shapes: images/images_aug {fid: (B,3,H,W)} float32 in [0,1] (uint8 with ``as_float=False``;
+    see :func:`batch_to_float`), K/inv_K (B,3,3), label (B,H,W) int64 with 255 for unlabeled
+    samples (None when no sample has one), depth (B,1,H,W) with 0 where a sample has none
+    (None when none has), T {fid: (B,4,4)} only when every sample has it.
     """
     images = {fid: torch.stack([s["images"][fid] for s in samples]) for fid in frames}
     if all(s["images_aug"] is None for s in samples):
@@ -285,10 +288,22 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...]) -> Batch:
     neighbours = [fid for fid in frames if fid != 0]
     if neighbours and all(fid in s["T"] for s in samples for fid in neighbours):
         T = {fid: torch.stack([s["T"][fid] for s in samples]) for fid in neighbours}
-    return Batch(
+    batch = Batch(
         keys=[s["key"] for s in samples], images=images, images_aug=images_aug, K=K, inv_K=inv_K,
         label=label, depth=depth, T=T,
     )
+    return batch_to_float(batch) if as_float else batch
+
+
+def batch_to_float(batch: Batch) -> Batch:
+    """uint8 images / images_aug -> float32 in [0,1] (in place; ``images_aug is images`` is kept)."""
+    def conv(images: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {fid: to_float(x) if x.dtype == torch.uint8 else x for fid, x in images.items()}
+
+    same = batch.images_aug is batch.images
+    batch.images = conv(batch.images)
+    batch.images_aug = batch.images if same else conv(batch.images_aug)
+    return batch
 
 
 class CorruptTracker:
@@ -321,6 +336,6 @@ def seeded_rng(*entropy: int) -> np.random.Generator:
 
 
 __all__ = [
-    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate", "CorruptTracker", "seeded_rng",
-    "unknown_keys_error", "read_manifest",
+    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate", "batch_to_float", "CorruptTracker",
+    "seeded_rng", "unknown_keys_error", "read_manifest",
 ]

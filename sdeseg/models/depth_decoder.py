@@ -53,7 +53,9 @@ class DecoderBody(nn.Module):
     ) -> None:
         super().__init__()
         if len(num_ch_enc) != 5 or len(channels) != 5:
-            raise ValueError(f"DecoderBody needs 5 encoder and 5 decoder channel counts, got {num_ch_enc}, {channels}")
+            raise ValueError(
+                f"DecoderBody needs 5 encoder and 5 decoder channel counts, got {num_ch_enc}, {channels}"
+            )
         self.num_ch_enc = list(num_ch_enc)
         self.channels = list(channels)
         levels = []
@@ -88,7 +90,9 @@ class DecoderBody(nn.Module):
         levels = list(levels)
         if x is None:
             if levels and levels[0] != 4:
-                raise ValueError(f"DecoderBody: starting at level {levels[0]} needs x (the level above's output)")
+                raise ValueError(
+                    f"DecoderBody: starting at level {levels[0]} needs x (the level above's output)"
+                )
             x = features[-1]
         out: dict[int, torch.Tensor] = {}
         for i in levels:
@@ -137,7 +141,9 @@ class DepthDecoder(nn.Module):
         return out
 
 
-def disp_to_depth(disp: torch.Tensor, min_depth: float, max_depth: float) -> tuple[torch.Tensor, torch.Tensor]:
+def disp_to_depth(
+    disp: torch.Tensor, min_depth: float, max_depth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Map sigmoid output to depth in [min_depth, max_depth] (Monodepth2).
 
     The sigmoid is read as an inverse depth between 1/max_depth and 1/min_depth.

@@ -9,15 +9,19 @@ import torch.nn.functional as F
 
 class Conv3x3(nn.Module):
     """3x3 convolution on a reflection-padded input (Monodepth2: no zero border that the
-    disparity would have to learn around)."""
+    disparity would have to learn around).
+
+    A map with a side of 1 pixel (the 1/32 bottleneck of a 32-pixel-high demo image) has
+    nothing to reflect; it is padded by replication, the limit of reflection there.
+    """
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.pad = nn.ReflectionPad2d(1)
         self.conv = nn.Conv2d(cin, cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pad(x))
+        mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+        return self.conv(F.pad(x, (1, 1, 1, 1), mode=mode))
 
 
 class ConvBlock(nn.Module):
@@ -41,7 +45,9 @@ class ASPP(nn.Module):
     fails in training for a per-rank batch of 1, which the cluster runs hit.
     """
 
-    def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (6, 12, 18), dropout: float = 0.5) -> None:
+    def __init__(
+        self, cin: int, cout: int, rates: tuple[int, ...] = (6, 12, 18), dropout: float = 0.5
+    ) -> None:
         super().__init__()
 
         def branch(k: int, d: int) -> nn.Sequential:

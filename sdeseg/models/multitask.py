@@ -62,7 +62,9 @@ class MultiTaskModel(nn.Module):
     ``forward(images)`` (frame id -> (B,3,H,W) in [0, 1]; a bare tensor means ``{0: x}``)
     returns, for frame 0: ``("disp", s)`` (B,1,H/2^s,W/2^s) for s in 0..3, ``("seg", 0)``
     and ``("seg_aux", 0)`` logits (B,num_classes,H,W), ``("enc", k)`` encoder maps; and
-    ``("T", f)`` (B,4,4) for every pose frame id present in ``images``.
+    ``("T", f)`` (B,4,4) for every pose frame id present in ``images``. The disparity at
+    scale ``exchange_level`` is read from the exchanged features, so even with
+    ``exchange_level=0`` the depth output sees the segmentation branch.
     """
 
     def __init__(

@@ -77,7 +77,9 @@ class PoseDecoder(nn.Module):
     photometric loss pushed the disparity to collapse within ~30 steps in a prototype.
     """
 
-    def __init__(self, cin: int, hidden: int = 256, rot_scale: float = 0.01, trans_scale: float = 1.0) -> None:
+    def __init__(
+        self, cin: int, hidden: int = 256, rot_scale: float = 0.01, trans_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.squeeze = nn.Conv2d(cin, hidden, 1)
         self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
@@ -118,8 +120,9 @@ class PoseNet(nn.Module):
             raise ValueError("PoseNet.frame_ids lists the neighbours of frame 0; 0 itself is not one")
         self.encoder = ResNetEncoder(depth, width=width, in_channels=6)
         # 256 hidden channels at the standard width (Monodepth2), fewer for slim demo nets
-        self.decoder = PoseDecoder(self.encoder.num_ch_enc[-1], hidden=4 * width, rot_scale=rot_scale,
-                                   trans_scale=trans_scale)
+        self.decoder = PoseDecoder(
+            self.encoder.num_ch_enc[-1], hidden=4 * width, rot_scale=rot_scale, trans_scale=trans_scale
+        )
         self.frame_ids = tuple(frame_ids)
 
     def forward(
@@ -140,9 +143,7 @@ class PoseNet(nn.Module):
         if not frame_ids:
             return {}
         # temporal order inside each pair: (f, 0) for past frames, (0, f) for future ones
-        pairs = [
-            torch.cat([images[f], images[0]] if f < 0 else [images[0], images[f]], 1) for f in frame_ids
-        ]
+        pairs = [torch.cat([images[f], images[0]] if f < 0 else [images[0], images[f]], 1) for f in frame_ids]
         b = images[0].shape[0]
         # all pairs through the encoder as one batch: one pass instead of len(frame_ids)
         axisangle, translation = self.decoder(self.encoder(torch.cat(pairs, 0))[-1])

@@ -154,7 +154,8 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self._cin != planes * block.expansion:
             downsample = nn.Sequential(
-                _conv1x1(self._cin, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+                _conv1x1(self._cin, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
             )
         layers = [block(self._cin, planes, stride, downsample, previous_dilation)]
         self._cin = planes * block.expansion
@@ -198,7 +199,9 @@ class ResNetEncoder(nn.Module):
     ``output_stride`` (32, or 16 with ``dilate_last``).
     """
 
-    def __init__(self, depth: int = 18, width: int = 64, in_channels: int = 3, dilate_last: bool = False) -> None:
+    def __init__(
+        self, depth: int = 18, width: int = 64, in_channels: int = 3, dilate_last: bool = False
+    ) -> None:
         super().__init__()
         self.net = ResNet(depth, width=width, in_channels=in_channels, dilate_last=dilate_last)
         self.num_ch_enc = list(self.net.num_ch_enc)
@@ -242,18 +245,25 @@ def adapt_state_dict(net: ResNet, state: dict[str, torch.Tensor]) -> dict[str, t
     if net.fc is None:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     w = state.get("conv1.weight")
-    if w is not None and w.dim() == 4 and w.shape[1] == 3 and net.in_channels != 3 and net.in_channels % 3 == 0:
+    if (
+        w is not None
+        and w.dim() == 4
+        and w.shape[1] == 3
+        and net.in_channels != 3
+        and net.in_channels % 3 == 0
+    ):
         k = net.in_channels // 3
         state["conv1.weight"] = torch.cat([w] * k, dim=1) / k
 
     own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
+    # listed in state_dict order (conv1 before bn1), which reads like the architecture
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         arch = f"resnet{net.depth} (width {net.width}, in_channels {net.in_channels})"
         parts = []
@@ -264,7 +274,9 @@ def adapt_state_dict(net: ResNet, state: dict[str, torch.Tensor]) -> dict[str, t
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches [{_describe(shapes)}]")
         raise PretrainedMismatchError(
-            f"checkpoint does not fit {arch}: " + "; ".join(parts) + ". Is it a torchvision state_dict of the "
+            f"checkpoint does not fit {arch}: "
+            + "; ".join(parts)
+            + ". Is it a torchvision state_dict of the "
             "same architecture?"
         )
     return state
@@ -302,4 +314,3 @@ def frozen_imagenet_encoder(
     enc.eval()
     enc.requires_grad_(False)
     return enc
-

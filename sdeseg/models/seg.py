@@ -98,7 +98,11 @@ class SegModel(nn.Module):
 
 def build_seg_decoder(cfg: ModelConfig, encoder: ResNetEncoder) -> SegDecoder:
     return SegDecoder(
-        encoder.num_ch_enc, cfg.num_classes, cfg.decoder_channels, aspp=cfg.aspp, output_stride=encoder.output_stride
+        encoder.num_ch_enc,
+        cfg.num_classes,
+        cfg.decoder_channels,
+        aspp=cfg.aspp,
+        output_stride=encoder.output_stride,
     )
 
 
@@ -179,7 +183,9 @@ def transfer_from_sde(model: nn.Module, sde_state_dict: dict[str, torch.Tensor])
                 skey = theirs + key[len(mine) :]
                 if skey in src:
                     if src[skey].shape != own[key].shape:
-                        mismatched.append(f"{key}: SDE {tuple(src[skey].shape)} vs model {tuple(own[key].shape)}")
+                        mismatched.append(
+                            f"{key}: SDE {tuple(src[skey].shape)} vs model {tuple(own[key].shape)}"
+                        )
                     else:
                         new[key] = src[skey]
                         loaded.append(key)

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from sdeseg.config import Config, ConfigError, from_dict, save_config
-from sdeseg.runtime.context import StageContext
+from sdeseg.runtime.context import FAULT_ENV, StageContext
 from sdeseg.stages import stage_fn
 
 log = logging.getLogger("sdeseg")
+PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, "RAY_AUTH_MODE")
 
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path) -> Path:
@@ -43,7 +44,8 @@ def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: 
     torch.set_num_threads(cfg.runtime.torch_threads)
     from sdeseg.ops import set_backend
 
-    set_backend(cfg.runtime.ops_backend)
+    if cfg.runtime.ops_backend != "auto":  # "auto" leaves SDESEG_OPS_BACKEND in charge
+        set_backend(cfg.runtime.ops_backend)
     ctx = StageContext(cfg, run_dir, rank, world_size, device, backend=backend)
     start = time.perf_counter()
     try:
@@ -96,8 +98,10 @@ def ensure_ray(cfg: Config):
             ray.init(address=address, log_to_driver=True)
         else:
             need = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
+            # workers inherit the settings that change behaviour (ops backend, test hooks)
+            env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
             ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True)
+                     log_to_driver=True, runtime_env={"env_vars": env} if env else None)
     total = ray.cluster_resources()
     rt = cfg.runtime
     if rt.use_gpu:

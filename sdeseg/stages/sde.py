@@ -22,7 +22,6 @@ from sdeseg.data.reader import ShardStream, ValLoader
 from sdeseg.losses.depth import sde_loss
 from sdeseg.metrics import DepthMetric
 from sdeseg.models.depth_decoder import disp_to_depth
-from sdeseg.models.resnet import load_pretrained
 from sdeseg.models.sde import build_sde_model
 from sdeseg.optim import assert_finite, param_groups
 from sdeseg.runtime.checkpoint import rng_state, set_rng_state
@@ -82,7 +81,7 @@ def export_payload(model, cfg: Config, step: int, metrics: dict) -> dict:
     return {
         "kind": "sde",
         "depth": {k: v.detach().cpu() for k, v in model.depth.state_dict().items()},
-        "model_config": cfg.model.__dict__ | {"decoder_channels": list(cfg.model.decoder_channels)},
+        "model_config": cfg.to_dict()["model"],
         "depth_range": [cfg.depth_loss.min_depth, cfg.depth_loss.max_depth],
         "step": step,
         "metrics": {k: float(v) for k, v in metrics.items()},
@@ -92,9 +91,7 @@ def export_payload(model, cfg: Config, step: int, metrics: dict) -> dict:
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     # identical initial weights on every rank; per-rank randomness is seeded after
     torch.manual_seed(cfg.train.seed)
-    model = build_sde_model(cfg.model)
-    if cfg.model.pretrained:
-        load_pretrained(model.depth.encoder, cfg.model.pretrained)
+    model = build_sde_model(cfg.model)  # loads ImageNet weights when model.pretrained is set
     engine = ctx.build_engine(model, param_groups(model, cfg.optim))
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
 
@@ -125,6 +122,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             data_time = time.perf_counter() - t0
             losses = train_step(engine, batch, cfg)
             meter.update(losses, len(batch), data_time)
+            if t.log_keys:
+                ctx.log(step + 1, {"keys": list(batch.keys)}, kind="keys")
         step += 1
         steps_run += 1
         ctx.maybe_inject_fault(step)

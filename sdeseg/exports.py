@@ -1,0 +1,54 @@
+"""Loading the models a stage exported (``<run_dir>/export/{best,last}.pt``).
+
+Exports hold only tensors and plain types, so they load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdeseg.config import ModelConfig, _build
+
+
+class ExportError(ValueError):
+    """An export file is missing or of the wrong kind; names the file."""
+
+
+def read_export(path: str | Path, kind: str | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such export (run the stage that writes it first)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if kind is not None and payload.get("kind") != kind:
+        raise ExportError(f"{path}: expected a {kind!r} export, found {payload.get('kind')!r}")
+    return payload
+
+
+def export_model_config(payload: dict) -> ModelConfig:
+    return _build(ModelConfig, dict(payload["model_config"]), "model")
+
+
+def load_depth_model(path: str | Path):
+    """(DepthModel in eval mode, (min_depth, max_depth)) from an SDE export."""
+    from sdeseg.models.sde import build_depth_model
+
+    payload = read_export(path, "sde")
+    cfg = export_model_config(payload)
+    cfg.pretrained = None  # the export already holds trained weights
+    model = build_depth_model(cfg)
+    model.load_state_dict(payload["depth"], strict=True)
+    return model.eval(), tuple(payload["depth_range"])
+
+
+def load_seg_model(path: str | Path):
+    """Segmentation (or multi-task) model in eval mode from a semi-supervised export."""
+    from sdeseg.models.seg import build_seg_model
+
+    payload = read_export(path, "seg")
+    cfg = export_model_config(payload)
+    cfg.pretrained = None
+    model = build_seg_model(cfg)
+    model.load_state_dict(payload["model"], strict=True)
+    return model.eval()

@@ -1,0 +1,100 @@
+"""Segmentation losses: supervised cross-entropy and the mean-teacher pseudo-label loss.
+
+Every returned term is already multiplied by its config weight, so a stage sums the
+values of the dicts it gets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sdeseg.config import SemisegConfig
+
+
+def _match_size(logits: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-pixel cross-entropy (B,H,W); 0 at ignored pixels.
+
+    logits (B,C,h,w) are resized bilinearly to the label's (H,W) when they differ.
+    """
+    return F.cross_entropy(
+        _match_size(logits, label.shape[-2:]), label.long(), ignore_index=ignore_index, reduction="none"
+    )
+
+
+def cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored pixels; logits (B,C,h,w), label (B,H,W) int.
+
+    A batch with no valid pixel gives 0 (with a graph), not NaN, so a stage can always
+    backpropagate it.
+    """
+    ce = pixel_cross_entropy(logits, label, ignore_index)
+    valid = (label != ignore_index).sum()
+    return ce.sum() / valid.clamp(min=1)
+
+
+def supervised_seg_loss(
+    outputs: dict[tuple, torch.Tensor], label: torch.Tensor, cfg: SemisegConfig
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy on ground truth.
+
+    Args:
+        outputs: ``("seg", 0)`` logits (B,C,H,W); ``("seg_aux", 0)`` too for the multi-task model.
+        label: (B,H,W) int train ids, ``cfg.ignore_index`` = ignore.
+
+    Returns:
+        ``seg/sup`` and, when the model has an auxiliary head, ``seg/aux`` (× cfg.aux_weight).
+    """
+    out = {"seg/sup": cross_entropy(outputs[("seg", 0)], label, cfg.ignore_index)}
+    if ("seg_aux", 0) in outputs:
+        out["seg/aux"] = cfg.aux_weight * cross_entropy(outputs[("seg_aux", 0)], label, cfg.ignore_index)
+    return out
+
+
+def pseudo_label_loss(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, threshold: float, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy to the teacher's argmax, weighted by the teacher's confidence.
+
+    As in the paper's code (after ClassMix): the pseudo-label is ``argmax`` of the
+    (mixed) teacher probabilities; the whole image term is weighted by the fraction
+    ``q`` of pixels whose maximum probability is >= ``threshold``; the per-pixel CE is
+    averaged over *all* pixels. Pixels whose probability vector is all zero (ignore
+    pixels of ground truth mixed in, see ``mixing.labels_to_probs``) get the ignore label
+    and count as unconfident.
+
+    Args:
+        logits: (B,C,H,W) student logits on the mixed image.
+        teacher_probs: (B,C,H,W) mixed teacher probabilities (no gradient flows into them).
+        threshold: confidence threshold (``semiseg.pseudo_threshold``).
+
+    Returns:
+        (loss scalar, q scalar in [0, 1]).
+    """
+    probs = teacher_probs.detach()
+    max_probs, pseudo = probs.max(1)
+    pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
+    q = (max_probs >= threshold).float().mean()
+    return q * pixel_cross_entropy(logits, pseudo, ignore_index).mean(), q
+
+
+def pseudo_label_seg_loss(
+    outputs: dict[tuple, torch.Tensor],
+    teacher_probs: torch.Tensor,
+    cfg: SemisegConfig,
+    extras: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """``seg/unsup`` = cfg.unsup_weight × :func:`pseudo_label_loss` on ``outputs[("seg", 0)]``.
+
+    ``extras`` (if given) receives ``"seg/confident"``: the confident-pixel fraction q.
+    """
+    loss, q = pseudo_label_loss(outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index)
+    if extras is not None:
+        extras["seg/confident"] = q.detach()
+    return {"seg/unsup": cfg.unsup_weight * loss}

@@ -1,0 +1,259 @@
+"""DepthMix and ClassMix for mean-teacher pseudo-labelling, and the strong augmentation.
+
+Each image i of a batch is mixed with a partner ``j = perm[i]``: ``mixed[i] = where(M_i,
+x_i, x_j)`` for the image, the teacher probabilities and (optionally) hard labels, all
+with the same mask. DepthMix keeps, per pixel, whichever image is closer to the camera
+(``M_i = depth_i < depth_j + eps``, via the fused :func:`sdeseg.ops.depth_mix`), so a
+pasted object is never drawn in front of something nearer to the camera. ClassMix
+(the baseline) keeps half of the classes image i's teacher predicts.
+
+Ground truth can join the pool: convert it with :func:`labels_to_probs` and
+concatenate it with the teacher probabilities of the unlabeled images, e.g.::
+
+    images = torch.cat([labeled_images, unlabeled_images])
+    probs = torch.cat([labels_to_probs(labels, C, 255), teacher_probs])
+    depth = torch.cat([labeled_depth, unlabeled_depth])
+    mix = depth_mix_batch(images, depth, probs=probs, generator=g)
+
+Ignore pixels of the ground truth become all-zero probability vectors: their maximum
+probability (0) is below any threshold and :func:`sdeseg.losses.pseudo_label_loss`
+maps them to the ignore label, so they survive the mix as "no supervision".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sdeseg.ops import depth_mix
+
+
+@dataclass
+class MixResult:
+    """A mixed batch (B = batch size).
+
+    image: (B,C,H,W) mixed images.
+    mask: (B,1,H,W) bool, True where image i itself is kept (False: its partner shows).
+    perm: (B,) long, the partner ``j`` of each image ``i``.
+    probs: (B,K,H,W) mixed probabilities, or None when none were given.
+    label: (B,H,W) mixed hard labels, or None when none were given.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    perm: torch.Tensor
+    probs: torch.Tensor | None = None
+    label: torch.Tensor | None = None
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def mix_partners(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Partner indices (B,) on the CPU.
+
+    Without a generator: ``(i + 1) % B`` (deterministic, the paper's pairing). With one: a
+    uniformly random derangement (no image is its own partner). For B = 1 the only
+    partner is the image itself, so mixing leaves it unchanged.
+    """
+    if batch == 1:
+        return torch.zeros(1, dtype=torch.long)
+    if generator is None:
+        return (torch.arange(batch) + 1) % batch
+    # rejection sampling: a random permutation is a derangement with probability ~1/e
+    while True:
+        perm = torch.randperm(batch, generator=generator, device=_gen_device(generator)).cpu()
+        if not (perm == torch.arange(batch)).any():
+            return perm
+
+
+def _resolve_perm(
+    batch: int, perm: torch.Tensor | None, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    if perm is None:
+        perm = mix_partners(batch, generator)
+    return torch.as_tensor(perm, dtype=torch.long).to(device)
+
+
+def depth_mix_batch(
+    images: torch.Tensor,
+    depth: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    label: torch.Tensor | None = None,
+    *,
+    perm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> MixResult:
+    """DepthMix: per pixel, keep image i where it is closer than its partner.
+
+    Args:
+        images: (B,3,H,W) student inputs.
+        depth: (B,1,H,W) depth (smaller = closer): the SDE model's or the multi-task
+            student's, any monotone stand-in for depth works.
+        probs: (B,K,H,W) teacher probabilities (or one-hot ground truth) to mix alike.
+        label: (B,H,W) hard labels to mix alike.
+        perm: (B,) partners; default from :func:`mix_partners` (``(i+1)%B``, or a random
+            derangement when ``generator`` is given).
+        eps: ``M_i = depth_i < depth_j + eps`` (``semiseg.mix_eps``).
+        generator: RNG for the partners.
+
+    Returns:
+        :class:`MixResult`; works for any B >= 1.
+    """
+    perm = _resolve_perm(images.shape[0], perm, generator, images.device)
+    tensors = [t for t in (images, probs, label) if t is not None]
+    mask, mixed = depth_mix(depth, *tensors, perm=perm, eps=eps)
+    mixed = list(mixed)
+    return MixResult(
+        image=mixed.pop(0),
+        mask=mask,
+        perm=perm,
+        probs=mixed.pop(0) if probs is not None else None,
+        label=mixed.pop(0) if label is not None else None,
+    )
+
+
+def classmix_masks(teacher_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ClassMix masks (B,1,H,W) bool: for each image, a random half (rounded down) of the
+    classes present in its teacher argmax; pixels with an all-zero probability vector
+    (ground-truth ignore) are never part of a class."""
+    max_probs, argmax = teacher_probs.max(1)
+    valid = max_probs > 0
+    masks = []
+    for i in range(teacher_probs.shape[0]):
+        classes = torch.unique(argmax[i][valid[i]])
+        order = torch.randperm(classes.numel(), generator=generator, device=_gen_device(generator))
+        chosen = classes[order[: classes.numel() // 2].to(classes.device)]
+        masks.append(torch.isin(argmax[i], chosen) & valid[i])
+    return torch.stack(masks)[:, None]
+
+
+def classmix_batch(
+    images: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    label: torch.Tensor | None = None,
+    *,
+    perm: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> MixResult:
+    """ClassMix: paste the pixels of half of image i's predicted classes onto its partner.
+
+    Args:
+        images: (B,3,H,W).
+        teacher_probs: (B,K,H,W) teacher probabilities (or one-hot ground truth).
+        label: (B,H,W) hard labels to mix alike (optional).
+        perm, generator: as in :func:`depth_mix_batch`; the generator also picks the classes.
+
+    Returns:
+        :class:`MixResult` with the mixed probabilities.
+    """
+    perm = _resolve_perm(images.shape[0], perm, generator, images.device)
+    mask = classmix_masks(teacher_probs, generator)
+
+    def mix(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask if t.dim() == 4 else mask[:, 0], t, t[perm])
+
+    return MixResult(
+        image=mix(images),
+        mask=mask,
+        perm=perm,
+        probs=mix(teacher_probs),
+        label=mix(label) if label is not None else None,
+    )
+
+
+def labels_to_probs(label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """One-hot "probabilities" (B,K,H,W) float from labels (B,H,W); ignore pixels get an
+    all-zero vector (maximum probability 0: below any threshold, ignored by the
+    pseudo-label loss)."""
+    valid = label != ignore_index
+    if (label[valid] >= num_classes).any() or (label[valid] < 0).any():
+        raise ValueError(f"labels_to_probs: labels must be in [0, {num_classes}) or {ignore_index}")
+    onehot = F.one_hot(torch.where(valid, label, 0).long(), num_classes).permute(0, 3, 1, 2)
+    return onehot.float() * valid[:, None]
+
+
+# ----------------------------------------------------------------------------- strong augmentation
+
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_GRAY = torch.tensor([0.299, 0.587, 0.114])
+
+
+def _colour_jitter(x: torch.Tensor, s: float, u: torch.Tensor) -> torch.Tensor:
+    """Jitter one image x (3,H,W) in [0, 1] with strength s; u holds 4 uniforms in [0, 1).
+
+    Brightness, contrast and saturation factors in [1-s, 1+s]; hue shift in [-s, s] of a
+    full turn (the magnitudes of the paper's kornia ColorJitter, applied in fixed order).
+    """
+    b, c, sat, hue = (1 - s + 2 * s * u[:3]).tolist() + [(2 * u[3].item() - 1) * s]
+    gray_w = _GRAY.to(x)
+    x = (x * b).clamp(0, 1)
+    mean = (gray_w[:, None, None] * x).sum(0).mean()
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    gray = (gray_w[:, None, None] * x).sum(0, keepdim=True)
+    x = ((x - gray) * sat + gray).clamp(0, 1)
+    theta = 2 * math.pi * hue
+    rot = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, math.cos(theta), -math.sin(theta)], [0.0, math.sin(theta), math.cos(theta)]]
+    )
+    rgb2yiq = _RGB2YIQ
+    m = (torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq).to(x)
+    return torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of x (C,H,W); kernel about 10% of each side (odd), as in
+    the paper's augmentation; reflection padding keeps the borders' colours."""
+    out = x[None]
+    for dim, side in ((2, x.shape[1]), (3, x.shape[2])):
+        c10 = math.ceil(0.1 * side)
+        k = max(3, c10 if c10 % 2 else c10 - 1)  # largest odd size <= 10% of the side
+        k = min(k, 2 * side - 1)  # reflection padding needs pad < side
+        r = torch.arange(k, dtype=x.dtype, device=x.device) - k // 2
+        g = torch.exp(-(r**2) / (2 * sigma**2))
+        g = g / g.sum()
+        c = x.shape[0]
+        if dim == 2:
+            weight, pad = g.view(1, 1, k, 1).expand(c, 1, k, 1), (0, 0, k // 2, k // 2)
+        else:
+            weight, pad = g.view(1, 1, 1, k).expand(c, 1, 1, k), (k // 2, k // 2, 0, 0)
+        out = F.conv2d(F.pad(out, pad, mode="reflect"), weight, groups=c)
+    return out[0]
+
+
+def strong_augment(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    jitter: float = 0.2,
+    blur: bool = True,
+    jitter_prob: float = 0.8,
+    blur_prob: float = 0.5,
+) -> torch.Tensor:
+    """Colour jitter and Gaussian blur on the mixed student input, drawn per image.
+
+    Args:
+        images: (B,3,H,W) in [0, 1].
+        generator: RNG (CPU generator; default: the global RNG).
+        jitter: colour-jitter strength (``semiseg.color_jitter``; 0 disables).
+        blur: Gaussian blur with sigma ~ U(0.15, 1.15) (``semiseg.blur``).
+        jitter_prob, blur_prob: per-image probabilities (the paper's 0.8 and 0.5).
+
+    Returns:
+        (B,3,H,W) augmented images; labels are unaffected by these transforms.
+    """
+    u = torch.rand(images.shape[0], 7, generator=generator)  # on the CPU: cheap scalars
+    out = []
+    for i, x in enumerate(images):
+        if jitter > 0 and u[i, 0] < jitter_prob:
+            x = _colour_jitter(x, jitter, u[i, 1:5])
+        if blur and u[i, 5] < blur_prob:
+            x = _gaussian_blur(x, 0.15 + u[i, 6].item())
+        out.append(x)
+    return torch.stack(out)

@@ -1,0 +1,204 @@
+"""The demo's report: ``report.md`` with PNG figures, and a one-screen summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdeseg.config import Config
+from sdeseg.data.classes import class_names, colorize
+from sdeseg.data.reader import ValLoader
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _img(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _val_batch(data_root: Path, cfg: Config, n: int):
+    loader = ValLoader(str(data_root), cfg.data.val_split, batch_size=n, frames=(-1, 0, 1), max_batches=1,
+                       domain=cfg.data.domain)
+    return next(iter(loader))
+
+
+def fig_inputs(batch, path: Path) -> None:
+    plt = _plt()
+    rows = min(2, len(batch))
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        for c, (fid, name) in enumerate(((-1, "frame t-1"), (0, "frame t"), (1, "frame t+1"))):
+            axes[r, c].imshow(_img(batch.images[fid][r]))
+            axes[r, c].set_title(name, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def fig_depth(batch, depth_model, depth_range, path: Path) -> None:
+    from sdeseg.models.depth_decoder import disp_to_depth
+
+    plt = _plt()
+    disp = depth_model(batch.images[0])[("disp", 0)]
+    pred = disp_to_depth(disp, *depth_range)[1][:, 0]
+    rows = min(3, len(batch))
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        gt = batch.depth[r, 0] if batch.depth is not None else torch.zeros_like(pred[r])
+        valid = gt > 0
+        scale = (gt[valid].median() / pred[r][valid].median()) if valid.any() else 1.0
+        vmax = float(gt[valid].quantile(0.95)) if valid.any() else float(pred[r].max())
+        axes[r, 0].imshow(_img(batch.images[0][r]))
+        axes[r, 1].imshow(gt.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
+        axes[r, 2].imshow((pred[r] * scale).numpy(), cmap="magma_r", vmin=0, vmax=vmax)
+        for c, name in enumerate(("image", "ground-truth depth", "predicted depth (median-scaled)")):
+            axes[r, c].set_title(name, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def fig_segmentation(batch, seg_model, path: Path) -> None:
+    plt = _plt()
+    pred = seg_model(batch.images[0])[("seg", 0)].argmax(1)
+    rows = min(3, len(batch))
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(_img(batch.images[0][r]))
+        if batch.label is not None:
+            axes[r, 1].imshow(colorize(batch.label[r].numpy().astype(np.uint8)))
+        axes[r, 2].imshow(colorize(pred[r].numpy().astype(np.uint8)))
+        for c, name in enumerate(("image", "ground truth", "prediction")):
+            axes[r, c].set_title(name, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def fig_depthmix(batch, depth_model, depth_range, seg_model, path: Path) -> None:
+    """Two images, the DepthMix mask (closer pixels of image A), mixed image, mixed pseudo-label."""
+    from sdeseg.models.depth_decoder import disp_to_depth
+    from sdeseg.ops import depth_mix
+
+    plt = _plt()
+    images = batch.images[0]
+    depth = disp_to_depth(depth_model(images)[("disp", 0)], *depth_range)[1]
+    pseudo = seg_model(images)[("seg", 0)].argmax(1)
+    mask, (mixed_img, mixed_lab) = depth_mix(depth, images, pseudo)
+    rows = min(2, len(batch))
+    fig, axes = plt.subplots(rows, 5, figsize=(14, 1.6 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        j = (r + 1) % len(batch)
+        panels = [(_img(images[r]), "image A"), (_img(images[j]), "image B"),
+                  (mask[r, 0].float().numpy(), "mask: A closer"), (_img(mixed_img[r]), "mixed image"),
+                  (colorize(mixed_lab[r].numpy().astype(np.uint8)), "mixed pseudo-label")]
+        for c, (im, name) in enumerate(panels):
+            axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None)
+            axes[r, c].set_title(name, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_curves(runs: Path, path: Path) -> None:
+    plt = _plt()
+    panels = [
+        ("sde", "train", ["depth/total", "depth/photo"], "SDE training loss"),
+        ("sde", "val", ["depth/abs_rel", "depth/abs_rel_baseline"], "SDE validation abs_rel"),
+        ("semiseg", "train", ["seg/sup", "seg/unsup"], "segmentation losses"),
+        ("semiseg", "val", ["seg/miou"], "validation mIoU"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, (run, kind, keys, title) in zip(axes, panels):
+        records = [r for r in _read_jsonl(runs / run / "metrics.jsonl") if r.get("kind") == kind]
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="o" if kind == "val" else None, markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str, seg_export: str,
+                 summary: dict, cfg: Config) -> Path:
+    """Figures + report.md under ``report_dir``; returns the path of report.md."""
+    from sdeseg.exports import load_depth_model, load_seg_model
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    depth_model, depth_range = load_depth_model(sde_export)
+    seg_model = load_seg_model(seg_export)
+    batch = _val_batch(data_root, cfg, 4)
+    fig_inputs(batch, report_dir / "inputs.png")
+    fig_depth(batch, depth_model, depth_range, report_dir / "depth.png")
+    fig_segmentation(batch, seg_model, report_dir / "segmentation.png")
+    fig_depthmix(batch, depth_model, depth_range, seg_model, report_dir / "depthmix.png")
+    fig_curves(runs, report_dir / "curves.png")
+
+    lines = ["# sdeseg demo report", "", "## Summary", "", "| metric | value |", "| --- | --- |"]
+    for k, v in sorted(summary.items()):
+        if not k.startswith("seg/iou/"):
+            lines.append(f"| {k} | {_fmt(v)} |")
+    lines += ["", "## Per-class IoU (validation)", "", "| class | IoU |", "| --- | --- |"]
+    for name in class_names():
+        v = summary.get(f"seg/iou/{name}")
+        if v is not None:
+            lines.append(f"| {name} | {_fmt(v)} |")
+    lines += ["", "## Figures", ""]
+    for name, caption in (("inputs", "Input triplets (t-1, t, t+1)"),
+                          ("depth", "Ground-truth vs predicted depth (SDE stage)"),
+                          ("segmentation", "Ground-truth labels vs predictions (semi-supervised stage)"),
+                          ("depthmix", "DepthMix: image A, image B, mask, mixed image, mixed pseudo-label"),
+                          ("curves", "Loss and metric curves")):
+        lines += [f"### {caption}", "", f"![{caption}]({name}.png)", ""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def print_summary_table(summary: dict) -> None:
+    keys = ["depth/abs_rel", "depth/abs_rel_baseline", "depth/a1", "depth/a1_baseline", "seg/miou",
+            "seg/miou_supervised_baseline", "seg/acc"]
+    print("\n" + "=" * 46)
+    print(f"{'metric':<32}{'value':>14}")
+    print("-" * 46)
+    for k in keys:
+        if k in summary:
+            print(f"{k:<32}{_fmt(summary[k]):>14}")
+    for k in sorted(summary):
+        if k.startswith("time/"):
+            print(f"{k:<32}{_fmt(summary[k]):>14}")
+    print("=" * 46)

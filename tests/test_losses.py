@@ -1,0 +1,181 @@
+"""Losses: self-supervised depth on a scene with known geometry, smoothness, segmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdeseg.config import DepthLossConfig, SemisegConfig
+from sdeseg.losses import (
+    cross_entropy,
+    edge_aware_smoothness,
+    pseudo_label_loss,
+    pseudo_label_seg_loss,
+    sde_loss,
+    supervised_seg_loss,
+)
+from sdeseg.models import ResNetEncoder, depth_to_disp, transformation_from_parameters
+
+H, W = 32, 64
+FX, Z, BASELINE = 32.0, 4.0, 0.25
+SHIFT = int(FX * BASELINE / Z)  # image motion of the plane per frame: 2 pixels
+
+
+def plane_scene(batch: int = 2, static: bool = False):
+    """A textured fronto-parallel plane at depth Z seen by a camera moving +BASELINE along
+    x per frame (frame f's camera at x = f*BASELINE), so I_f(u) = I_0(u + f*SHIFT).
+
+    Returns images (frame -1, 0, 1), K and the true transforms frame 0 -> frame f.
+    With ``static`` all three frames are identical (a camera that does not move).
+    """
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(batch, 3, H, W + 2 * SHIFT, generator=g)
+    texture = F.avg_pool2d(texture, 3, 1, 1, count_include_pad=False)  # natural-image-like gradients
+    images = {
+        f: texture[..., SHIFT + (0 if static else f * SHIFT) :][..., :W].contiguous() for f in (-1, 0, 1)
+    }
+    K = torch.tensor([[FX, 0, (W - 1) / 2], [0, FX, (H - 1) / 2], [0, 0, 1]]).expand(batch, 3, 3)
+    # one step forward in time moves points by -BASELINE in camera x; frame -1 inverts it
+    step = torch.tensor([-BASELINE, 0.0, 0.0]).expand(batch, 3)
+    T = {f: transformation_from_parameters(torch.zeros(batch, 3), step, invert=f < 0) for f in (-1, 1)}
+    return images, K, T
+
+
+def plane_outputs(T, depth: float, cfg: DepthLossConfig, batch: int = 2, requires_grad: bool = False):
+    out = {("T", f): t for f, t in T.items()}
+    for s in range(cfg.num_scales):
+        disp = torch.full(
+            (batch, 1, H >> s, W >> s),
+            float(depth_to_disp(torch.tensor(depth), cfg.min_depth, cfg.max_depth)),
+        )
+        out[("disp", s)] = disp.requires_grad_(requires_grad)
+    return out
+
+
+@pytest.mark.parametrize("automask", [True, False])
+def test_sde_loss_vanishes_for_true_depth_and_pose(automask):
+    cfg = DepthLossConfig(automask=automask)
+    images, K, T = plane_scene()
+    losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg)
+    assert set(losses) == {"depth/photo", "depth/smooth", "depth/total"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    assert losses["depth/photo"].abs() < 1e-3
+    assert losses["depth/smooth"].abs() < 1e-9  # constant disparity
+    # twice the depth halves the predicted motion: a clearly worse fit
+    wrong = sde_loss(images, plane_outputs(T, 2 * Z, cfg), K, None, cfg)
+    assert wrong["depth/photo"] > 0.02
+
+
+def test_sde_loss_is_differentiable():
+    cfg = DepthLossConfig()
+    images, K, T = plane_scene()
+    rot = torch.zeros(2, 3, requires_grad=True)
+    trans = torch.tensor([[-0.2, 0.0, 0.0]] * 2, requires_grad=True)
+    T = {f: transformation_from_parameters(rot, trans, invert=f < 0) for f in (-1, 1)}
+    outputs = plane_outputs(T, 3.0, cfg, requires_grad=True)
+    extras: dict = {}
+    losses = sde_loss(
+        images, outputs, K, torch.linalg.inv(K), cfg, extras=extras, generator=torch.Generator()
+    )
+    losses["depth/total"].backward()
+    for g in [rot.grad, trans.grad] + [outputs[("disp", s)].grad for s in range(4)]:
+        assert g is not None and torch.isfinite(g).all()
+    assert trans.grad.abs().sum() > 0 and outputs[("disp", 0)].grad.abs().sum() > 0
+    assert extras[("warped", 1, 0)].shape == (2, 3, H, W)
+    assert extras[("automask", 3)].shape == (2, 1, H, W)
+
+
+def test_automask_masks_static_pixels():
+    cfg = DepthLossConfig()
+    images, K, T = plane_scene(static=True)  # frames identical, yet the "pose" says motion
+    extras: dict = {}
+    losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg, extras=extras)
+    for s in range(cfg.num_scales):
+        assert extras[("automask", s)].sum() == 0  # identity wins everywhere: all masked
+    assert losses["depth/photo"].abs() < 1e-4  # only the tie-breaking noise remains
+    unmasked = sde_loss(images, plane_outputs(T, Z, cfg), K, None, DepthLossConfig(automask=False))
+    assert unmasked["depth/photo"] > 0.02
+
+
+def test_edge_aware_smoothness_by_hand():
+    disp = torch.tensor([[[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]]])  # mean 2 -> [.5, 1, 1.5] per row
+    image = torch.zeros(1, 3, 2, 3)
+    image[..., 2] = 1.0  # an edge between columns 1 and 2
+    # x: steps of 0.5, the second one across the edge (weight e^-1), 2 rows; y: no change
+    expected = (0.5 + 0.5 * math.exp(-1)) / 2
+    assert torch.allclose(edge_aware_smoothness(disp, image), torch.tensor(expected))
+    # scaling disparity does not change the normalised smoothness
+    assert torch.allclose(edge_aware_smoothness(10 * disp, image), torch.tensor(expected))
+
+
+def test_smoothness_weight_per_scale():
+    cfg = DepthLossConfig(num_scales=2, smoothness=0.1)
+    images, K, T = plane_scene(batch=1)
+    images = {f: torch.zeros_like(v) for f, v in images.items()}  # no image edges
+    outputs = plane_outputs(T, Z, cfg, batch=1)
+    for s in range(2):
+        ramp = torch.arange(W >> s, dtype=torch.float32) + 1
+        outputs[("disp", s)] = (ramp / ramp.mean()).expand(1, 1, H >> s, W >> s) * 0.1
+    # normalised step in x is 1/mean = 2/(w+1); the y term is 0
+    per_scale = [2 / ((W >> s) + 1) for s in range(2)]
+    expected = (0.1 * per_scale[0] + 0.1 / 2 * per_scale[1]) / 2
+    got = sde_loss(images, outputs, K, None, cfg)["depth/smooth"]
+    assert torch.allclose(got, torch.tensor(expected), rtol=1e-4)
+
+
+def test_feature_distance_needs_encoder():
+    cfg = DepthLossConfig(feature_distance=0.5)
+    images, K, T = plane_scene()
+    outputs = plane_outputs(T, Z, cfg)
+    with pytest.raises(ValueError, match="frozen ImageNet encoder"):
+        sde_loss(images, outputs, K, None, cfg)
+    enc = ResNetEncoder(18, width=8).eval()
+    outputs[("enc", 4)] = enc(images[0])[-1] + 1.0  # off by one everywhere
+    losses = sde_loss(images, outputs, K, None, cfg, imagenet_encoder=enc)
+    n = outputs[("enc", 4)].numel()
+    assert torch.allclose(losses["depth/feat"], torch.tensor(0.5 * math.sqrt(n)), rtol=1e-4)
+    total = losses["depth/photo"] + losses["depth/smooth"] + losses["depth/feat"]
+    assert torch.allclose(losses["depth/total"], total)
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def test_pseudo_label_weighting_by_hand():
+    # 4 pixels: confident class 0, confident class 1 (exactly at the threshold),
+    # unconfident class 0, and an all-zero vector (ground-truth ignore mixed in)
+    probs = torch.tensor([[0.99, 0.032, 0.6, 0.0], [0.01, 0.968, 0.4, 0.0]]).reshape(1, 2, 2, 2)
+    logits = torch.randn(1, 2, 2, 2, requires_grad=True)
+    loss, q = pseudo_label_loss(logits, probs, threshold=0.968)
+    assert q.item() == 0.5
+    logp = torch.log_softmax(logits, 1).reshape(2, 4)
+    ce = [-logp[0, 0], -logp[1, 1], -logp[0, 2], torch.tensor(0.0)]  # ignore pixel contributes 0
+    expected = 0.5 * sum(ce) / 4  # averaged over all pixels, as in the paper's code
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[..., 1, 1].abs().sum() == 0  # nothing flows from the ignore pixel
+
+    cfg = SemisegConfig(unsup_weight=2.0)
+    extras: dict = {}
+    out = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, extras=extras)
+    assert torch.allclose(out["seg/unsup"], 2 * expected) and extras["seg/confident"] == 0.5
+
+
+def test_supervised_losses():
+    cfg = SemisegConfig(aux_weight=0.5)
+    logits = torch.randn(2, 4, H, W)
+    label = torch.randint(0, 4, (2, H, W))
+    label[0, :5] = 255
+    ref = F.cross_entropy(logits, label, ignore_index=255)
+    out = supervised_seg_loss({("seg", 0): logits, ("seg_aux", 0): logits}, label, cfg)
+    assert torch.allclose(out["seg/sup"], ref) and torch.allclose(out["seg/aux"], 0.5 * ref)
+    assert set(supervised_seg_loss({("seg", 0): logits}, label, cfg)) == {"seg/sup"}
+    # low-resolution logits are upsampled to the label
+    assert torch.isfinite(cross_entropy(logits[..., ::2, ::2], label))
+    # nothing labelled: 0 with a graph, not NaN
+    empty = torch.full_like(label, 255)
+    z = cross_entropy(logits.requires_grad_(), empty)
+    assert z.item() == 0.0 and z.requires_grad

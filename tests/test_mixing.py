@@ -1,0 +1,115 @@
+"""DepthMix / ClassMix on whole batches, ground truth in the pool, strong augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdeseg.losses import pseudo_label_loss
+from sdeseg.mixing import (
+    classmix_batch,
+    depth_mix_batch,
+    labels_to_probs,
+    mix_partners,
+    strong_augment,
+)
+
+H, W, C = 8, 12, 5
+
+
+def tagged_batch(b: int, g: torch.Generator):
+    """Images whose every pixel value names its image and position; labels and depth random."""
+    idx = torch.arange(b * 3 * H * W, dtype=torch.float32).reshape(b, 3, H, W)
+    label = torch.randint(0, C, (b, H, W), generator=g)
+    label[:, 0, 0] = 255
+    depth = torch.rand(b, 1, H, W, generator=g) * 50 + 1
+    return idx, label, depth
+
+
+@pytest.mark.parametrize("b", [3, 4])
+@pytest.mark.parametrize("random_partners", [False, True])
+def test_depth_mix_keeps_the_closer_image(b, random_partners):
+    g = torch.Generator().manual_seed(b)
+    images, label, depth = tagged_batch(b, g)
+    probs = labels_to_probs(label, C)
+    mix = depth_mix_batch(images, depth, probs=probs, label=label, generator=g if random_partners else None)
+
+    perm = mix.perm
+    assert sorted(perm.tolist()) == list(range(b)) and (perm != torch.arange(b)).all()
+    if not random_partners:
+        assert perm.tolist() == [(i + 1) % b for i in range(b)]
+    for i in range(b):
+        j = int(perm[i])
+        closer_is_i = depth[i, 0] < depth[j, 0]  # (H,W)
+        assert torch.equal(mix.mask[i, 0], closer_is_i)
+        assert torch.equal(mix.label[i], torch.where(closer_is_i, label[i], label[j]))
+        assert torch.equal(mix.image[i], torch.where(closer_is_i, images[i], images[j]))
+        assert torch.equal(mix.probs[i], torch.where(closer_is_i, probs[i], probs[j]))
+        # both images contribute somewhere (random depths)
+        assert 0 < closer_is_i.sum() < H * W
+
+
+def test_depth_mix_eps_and_single_image():
+    g = torch.Generator().manual_seed(0)
+    images, label, depth = tagged_batch(2, g)
+    mix = depth_mix_batch(images, depth, eps=100.0)  # everything of image i is "close enough"
+    assert mix.mask.all() and torch.equal(mix.image, images) and mix.probs is None and mix.label is None
+    one = depth_mix_batch(images[:1], depth[:1], label=label[:1], generator=g)
+    assert torch.equal(one.image, images[:1]) and torch.equal(one.label, label[:1])
+    assert mix_partners(1, g).tolist() == [0]
+
+
+@pytest.mark.parametrize("b", [2, 3])
+def test_classmix_mask_covers_exactly_the_chosen_classes(b):
+    g = torch.Generator().manual_seed(1)
+    images, label, _ = tagged_batch(b, g)
+    probs = torch.softmax(torch.randn(b, C, H, W, generator=g) * 3, 1)
+    mix = classmix_batch(images, probs, label=label, generator=g)
+    argmax = probs.argmax(1)
+    for i in range(b):
+        m = mix.mask[i, 0]
+        inside, outside = set(argmax[i][m].tolist()), set(argmax[i][~m].tolist())
+        present = set(argmax[i].flatten().tolist())
+        assert inside.isdisjoint(outside)  # a chosen class is pasted whole
+        assert len(inside) == len(present) // 2
+        j = int(mix.perm[i])
+        assert torch.equal(mix.image[i], torch.where(m, images[i], images[j]))
+        assert torch.equal(mix.probs[i], torch.where(m, probs[i], probs[j]))
+        assert torch.equal(mix.label[i], torch.where(m, label[i], label[j]))
+
+
+def test_ground_truth_in_the_pool():
+    label = torch.tensor([[[0, 2], [255, 1]]])
+    probs = labels_to_probs(label, 3)
+    assert probs.shape == (1, 3, 2, 2)
+    assert torch.equal(probs[0, :, 1, 0], torch.zeros(3))  # ignore: no class, no confidence
+    assert torch.equal(probs.argmax(1)[0, 0], torch.tensor([0, 2]))
+    # after mixing, such pixels stay ignored by the pseudo-label loss
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss, q = pseudo_label_loss(logits, probs, threshold=0.968)
+    assert q.item() == 0.75
+    loss.backward()
+    assert logits.grad[0, :, 1, 0].abs().sum() == 0
+    with pytest.raises(ValueError):
+        labels_to_probs(torch.tensor([[[3]]]), 3)
+
+    # ClassMix never treats ignore pixels as a class of their own
+    g = torch.Generator().manual_seed(0)
+    pool = labels_to_probs(torch.tensor([[[255, 0], [1, 1]], [[2, 2], [2, 0]]]), 3)
+    mix = classmix_batch(torch.rand(2, 3, 2, 2), pool, generator=g)
+    assert not mix.mask[0, 0, 0, 0]
+
+
+def test_strong_augment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 24, generator=g)
+    assert torch.equal(strong_augment(x, g, jitter=0.0, blur=False), x)
+    a = strong_augment(x, torch.Generator().manual_seed(5), jitter=0.2, jitter_prob=1.0, blur_prob=1.0)
+    b = strong_augment(x, torch.Generator().manual_seed(5), jitter=0.2, jitter_prob=1.0, blur_prob=1.0)
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, x)
+    # blur alone keeps a constant image and smooths noise
+    flat = torch.full((1, 3, 16, 24), 0.3)
+    assert torch.allclose(strong_augment(flat, g, jitter=0.0, blur_prob=1.0), flat, atol=1e-6)
+    blurred = strong_augment(x, g, jitter=0.0, blur_prob=1.0)
+    assert blurred.std() < x.std()

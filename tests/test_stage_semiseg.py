@@ -1,0 +1,59 @@
+"""The semi-supervised stage in-process: DepthMix training, exact resume with the teacher, bad input."""
+
+import pytest
+import torch
+
+from sdeseg.config import ConfigError
+from sdeseg.data.manifest import DatasetError
+from sdeseg.runtime.launch import run_in_process
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def sde_export(synthetic_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sde")
+    summary = run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)
+    return summary["exports"]["last"]
+
+
+def _seg(root, export, *extra):
+    return tiny_config("demo_semiseg", root, f"semiseg.sde_checkpoint={export}", "data.num_labeled=4",
+                       "train.ckpt_every=3", "train.log_keys=true", "optim.schedule=constant", *extra)
+
+
+def _teacher(run_dir, step):
+    path = run_dir / "checkpoints" / f"ckpt_{step:06d}" / "state" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["sdeseg"]["teacher"]["model"]
+
+
+def test_semiseg_depthmix_trains_and_reports_miou(synthetic_root, sde_export, tmp_path):
+    summary = run_in_process(_seg(synthetic_root, sde_export, "train.steps=3"), tmp_path / "run")
+    assert summary["steps"] == 3 and summary["labeled_samples"] == 4
+    assert 0.0 <= summary["seg/miou"] <= 1.0
+    assert "seg/iou/road" in summary and "teacher/miou" in summary
+
+
+def test_semiseg_resume_continues_with_the_same_teacher(synthetic_root, sde_export, tmp_path):
+    run_in_process(_seg(synthetic_root, sde_export, "train.steps=6"), tmp_path / "a")
+    run_in_process(_seg(synthetic_root, sde_export, "train.steps=3"), tmp_path / "b")
+    resumed = run_in_process(_seg(synthetic_root, sde_export, "train.steps=6"), tmp_path / "b")
+    assert resumed["steps_this_run"] == 3
+    ta, tb = _teacher(tmp_path / "a", 6), _teacher(tmp_path / "b", 6)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k].float(), tb[k].float(), atol=1e-6), k
+    # and the teacher moved away from its step-3 state
+    t3 = _teacher(tmp_path / "b", 3)
+    assert any(not torch.equal(t3[k], tb[k]) for k in t3 if t3[k].is_floating_point())
+
+
+def test_unknown_labeled_keys_are_listed(synthetic_root, sde_export, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("synth-city/train/nope_1\nsynth-city/train/nope_2\n")
+    with pytest.raises(DatasetError, match="nope_1"):
+        run_in_process(_seg(synthetic_root, sde_export, "train.steps=1", f"data.labeled_keys={keys}"), tmp_path / "r")
+
+
+def test_class_count_mismatch_is_a_config_error(synthetic_root, sde_export, tmp_path):
+    with pytest.raises(ConfigError, match="num_classes"):
+        run_in_process(_seg(synthetic_root, sde_export, "train.steps=1", "model.num_classes=5"), tmp_path / "r")
