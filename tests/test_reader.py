@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep.shards import Job, write_shards
-from sdeseg.config import AugmentConfig
+from sdeseg.config import AugmentConfig, DataConfig
 from sdeseg.data.codec import encode_sample
 from sdeseg.data.manifest import DatasetError, read_manifest, write_manifest
 from sdeseg.data.reader import (
@@ -20,6 +20,8 @@ from sdeseg.data.reader import (
     ShardStream,
     ValLoader,
     buffered_permutation,
+    labeled_keys_for,
+    make_loader,
     random_labeled_keys,
     read_key_list,
 )
@@ -304,6 +306,16 @@ def test_labeled_pool_is_deterministic_and_resumable(even_ds):
         x, y = r0.next_batch(), r1.next_batch()
         assert x.keys + y.keys == batch.keys
         assert torch.equal(torch.cat([x.images[0], y.images[0]]), batch.images[0])
+
+
+def test_labeled_keys_and_loader_from_config(even_ds, tmp_path):
+    cfg = DataConfig(root=even_ds, num_labeled=3, labeled_seed=4, batch_size=2, size=CROP, num_workers=0)
+    assert labeled_keys_for(cfg) == random_labeled_keys(even_ds, "train", 3, seed=4)
+    (tmp_path / "k.txt").write_text("syn/train/0002\n")
+    assert labeled_keys_for(DataConfig(root=even_ds, labeled_keys=str(tmp_path / "k.txt"))) == ["syn/train/0002"]
+    assert labeled_keys_for(DataConfig(root=even_ds)) == []
+    s = make_loader(cfg, seed=1, epochs=1)
+    assert s.batches_per_epoch == 12 and next(iter(s)).images[0].shape == (2, 3, *CROP)
 
 
 def test_read_key_list(tmp_path):

@@ -474,6 +474,9 @@ class SceneBuilder:
         r = rng.uniform(0.12, 0.24) * scale
         crown = np.array([rng.uniform(1.4, 3.0), rng.uniform(1.6, 3.4), 0.0]) * scale
         crown[2] = crown[0] * rng.uniform(0.85, 1.15)
+        # the crown (centred 0.75 of its height above the trunk) clears 2.3 m: cameras and
+        # cars pass underneath street trees
+        trunk_h = max(trunk_h, 2.3 + 0.25 * crown[1])
         self.add(
             CYLINDER,
             (x, trunk_h / 2 + 0.4, z),

@@ -98,8 +98,8 @@ def draw_geometric(
 ) -> Geometric:
     """Draw the crop window and flip of a ``height x width`` sample.
 
-    ``crop=None`` keeps the full image. Without ``augment`` (or with ``augment.crop`` off)
-    the window is centred and there is no flip.
+    ``crop=None`` keeps the full image. The window is random with ``augment.crop`` and
+    centred otherwise (also without ``augment``); the flip needs ``augment.hflip``.
     """
     if crop is None:
         y0, x0, ch, cw = 0, 0, height, width
@@ -107,7 +107,6 @@ def draw_geometric(
         random_crop = augment is not None and augment.crop
         y0, x0 = crop_window(height, width, crop, rng if random_crop else None)
         ch, cw = crop
-    # draw only when enabled: switching the flip off must not change the other draws
     flip = bool(augment is not None and augment.hflip and rng.random() < 0.5)
     return Geometric(y0, x0, ch, cw, flip)
 

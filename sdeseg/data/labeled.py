@@ -15,9 +15,10 @@ from typing import Any
 
 import fsspec
 
-from sdeseg.config import AugmentConfig
+from sdeseg.config import AugmentConfig, DataConfig
 from sdeseg.data.augment import augment_sample
 from sdeseg.data.batch import Batch
+from sdeseg.data.classes import IGNORE_INDEX
 from sdeseg.data.codec import SampleError
 from sdeseg.data.manifest import DatasetError, join
 from sdeseg.data.shardio import (
@@ -57,6 +58,16 @@ def read_key_list(path: str) -> list[str]:
         first_line[key] = n
         keys.append(key)
     return keys
+
+
+def labeled_keys_for(cfg: DataConfig) -> list[str]:
+    """The labeled subset a ``DataConfig`` names: ``labeled_keys`` (a key file) if set, else
+    ``num_labeled`` keys of the training split drawn with ``labeled_seed`` (empty when 0)."""
+    if cfg.labeled_keys is not None:
+        return read_key_list(cfg.labeled_keys)
+    if cfg.num_labeled == 0:
+        return []
+    return random_labeled_keys(cfg.root, cfg.train_split, cfg.num_labeled, cfg.labeled_seed, cfg.domain)
 
 
 def random_labeled_keys(root: str, split: str, n: int, seed: int, domain: str | None = None) -> list[str]:
@@ -141,7 +152,7 @@ class LabeledPool:
         self.seed, self.rank, self.world_size, self.frames = seed, rank, world_size, tuple(frames)
         selection = index.select(None, keys=self.keys)
         index.check_shards_exist(selection)
-        index.check_min_size(selection, crop)
+        index.check_sizes(selection, crop)
         self._members = self._load(index, selection)
         self.drawn = 0  # batches drawn so far (per rank; the same count on every rank)
         self._order_cache: tuple[int, Any] | None = None
@@ -149,15 +160,18 @@ class LabeledPool:
     def _load(self, index: ShardIndex, selection: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
         fs = fsspec.core.url_to_fs(self.root)[0]
         members: dict[str, dict[str, Any]] = {}
+        self._max_label = -1
         for shard, wanted in selection.items():
             try:
                 for _, m in scan_shard(self.root, shard, index.shard_keys[shard], wanted, fs=fs):
                     try:
-                        decode_members(m, self.frames)
+                        label = decode_members(m, self.frames)["label"]
                     except SampleError as e:
                         where = join(self.root, shard)
                         raise DatasetError(f"labeled sample in {where} is corrupt: {e}") from e
                     members[m["__key__"]] = m
+                    if label is not None and (label != IGNORE_INDEX).any():
+                        self._max_label = max(self._max_label, int(label[label != IGNORE_INDEX].max()))
             except BrokenShard as e:
                 raise DatasetError(f"cannot load the labeled samples: {e}") from e
         size = sum(len(v) for m in members.values() for k, v in m.items() if k != "__key__")
@@ -165,6 +179,10 @@ class LabeledPool:
             log.warning("labeled pool holds %.1f GiB of encoded samples in memory (%d keys)", size / 2**30,
                         len(members))
         return members
+
+    def max_label(self) -> int:
+        """Largest class id (ignore excluded) in the pool's labels; -1 when all are ignore."""
+        return self._max_label
 
     def __len__(self) -> int:
         """Number of labeled samples in the pool."""

@@ -10,7 +10,7 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
 1. **Shard order.** Every epoch the shard list is shuffled with a generator seeded
    by ``(seed, epoch)``, the same on every rank. Concatenating the chosen samples of
    the shards in that order gives one sequence of N samples (N from the manifest).
-2. **Ranges.** There are ``R = world_size * max(num_workers, 1)`` readers. The sequence
+2. **Ranges.** There are ``R = world_size * W`` readers, ``W = max(num_workers, 1)``. The sequence
    is truncated to a multiple of ``R * batch_size`` and cut into R equal contiguous
    ranges; reader ``rank * W + w`` owns range ``rank * W + w``. So no sample is seen
    twice per epoch and every reader yields the same number of batches:
@@ -28,13 +28,17 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
 5. **Workers.** Each DataLoader worker runs one reader and assembles whole batches
    (``DataLoader(batch_size=None)``); the DataLoader returns them round-robin, so
    batch ``j`` of a rank comes from worker ``j % W``. One DataLoader iterator spans all
-   epochs (workers keep running across epochs, like ``persistent_workers``).
+   epochs (workers keep running across epochs, like ``persistent_workers``). Workers ship
+   images as uint8 (a quarter of the bytes through shared memory); the stream converts
+   each batch to float32 in [0, 1] as it hands it out.
 6. **Resume.** ``state_dict()`` is the position of what the caller has consumed:
    ``(epoch, batches_in_epoch)``. After ``load_state_dict`` worker ``w`` knows how many
    batches it had delivered, skips those slots without reading or decoding their
    samples (their tar members are passed over), and continues; physical worker 0 plays
    the reader whose batch is due next, so the round-robin order lines up again. The
-   following batches are bit-identical to those of an uninterrupted stream.
+   following batches are bit-identical to those of an uninterrupted stream. The position
+   is exact for the same layout (world size, W, batch size, sample count, seed);
+   ``load_state_dict`` refuses another layout unless ``strict=False`` (next epoch start).
 7. **Corrupt samples.** A sample whose members cannot be decoded (``SampleError``), or
    that sits in an unreadable part of a tar, is skipped, counted and logged. Its slot is
    filled by the next good sample of the reader's shuffled order (wrapping around to the
@@ -42,7 +46,9 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
    different augmentation. Slots never move, so batch counts and resume stay exact.
    When more than ``max_corrupt_fraction`` of the samples a reader has seen were bad
    (judged after ``MIN_SEEN_FOR_FRACTION`` samples), it raises RuntimeError naming the
-   last bad key and its shard.
+   last bad key and its shard. ``corrupt_count`` counts skips: a sample that stays bad is
+   counted once in every epoch that reads it. A tar that ends cleanly before the manifest
+   says, or holds another key at a position, is not corruption but a DatasetError.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from sdeseg.config import AugmentConfig, DataConfig
 from sdeseg.data.augment import augment_sample
 from sdeseg.data.batch import Batch
 from sdeseg.data.codec import SampleError
-from sdeseg.data.labeled import LabeledPool, random_labeled_keys, read_key_list
+from sdeseg.data.labeled import LabeledPool, labeled_keys_for, random_labeled_keys, read_key_list
 from sdeseg.data.manifest import DatasetError, join
 from sdeseg.data.shardio import (
     MIN_SEEN_FOR_FRACTION,
@@ -81,7 +87,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ShardStream", "LabeledPool", "ValLoader", "make_loader", "random_labeled_keys", "read_key_list",
-    "buffered_permutation",
+    "labeled_keys_for", "buffered_permutation",
 ]
 
 # Distinct first entries keep the seed sequences of different purposes apart.
@@ -381,7 +387,7 @@ class ShardStream:
             raise DatasetError(f"{join(root, 'manifest.parquet')} has no samples of split {split!r}"
                                f"{f' and domain {domain!r}' if domain else ''}")
         index.check_shards_exist(selection)
-        index.check_min_size(selection, crop)
+        index.check_sizes(selection, crop)
         self.plan = _Plan(
             root=root, selection=selection, shard_keys={s: index.shard_keys[s] for s in selection},
             batch_size=batch_size, crop=None if crop is None else (int(crop[0]), int(crop[1])),
@@ -515,15 +521,11 @@ class ValLoader:
             raise DatasetError(f"{join(root, 'manifest.parquet')} has no samples of split {split!r}"
                                f"{f' and domain {domain!r}' if domain else ''}")
         index.check_shards_exist(selection)
+        index.check_sizes(selection, None)
         items = [(name, i) for name in sorted(selection) for i in selection[name]]
         mine = items[rank::world_size]
         if max_batches:
             mine = mine[: max_batches * batch_size]
-        sizes = {(index.rows[index.shard_keys[s][i]]["height"], index.rows[index.shard_keys[s][i]]["width"])
-                 for s, i in items}
-        if len(sizes) > 1:
-            raise DatasetError(f"{root}: split {split!r} mixes image sizes {sorted(sizes)}; "
-                               "full-size batches need one size (choose a domain)")
         self.root, self.split, self.batch_size, self.frames = root, split, batch_size, tuple(frames)
         self.rank, self.world_size, self.max_corrupt_fraction = rank, world_size, max_corrupt_fraction
         self.items = mine

@@ -121,18 +121,22 @@ class ShardIndex:
                 f"shard {join(self.root, missing[0])} is listed in the manifest but does not exist{more}"
             )
 
-    def check_min_size(self, selection: dict[str, list[int]], crop: tuple[int, int] | None) -> None:
-        """Fail before reading anything when a selected sample is smaller than the crop."""
+    def check_sizes(self, selection: dict[str, list[int]], crop: tuple[int, int] | None) -> None:
+        """Fail before reading anything when a sample is smaller than the crop or, without a
+        crop, when the samples differ in size (they could not share a batch)."""
+        rows = [self.rows[self.shard_keys[name][i]] for name, idx in selection.items() for i in idx]
         if crop is None:
+            sizes = sorted({(r["height"], r["width"]) for r in rows})
+            if len(sizes) > 1:
+                raise DatasetError(f"{self.root}: the chosen samples mix image sizes {sizes[:4]}; "
+                                   "full-size batches need one size (set a crop or choose a domain)")
             return
-        for name, idx in selection.items():
-            for i in idx:
-                row = self.rows[self.shard_keys[name][i]]
-                if row["height"] < crop[0] or row["width"] < crop[1]:
-                    raise DatasetError(
-                        f"{join(self.root, name)}: sample {row['key']} is {row['height']}x{row['width']}, "
-                        f"smaller than the crop {crop[0]}x{crop[1]}"
-                    )
+        for row in rows:
+            if row["height"] < crop[0] or row["width"] < crop[1]:
+                raise DatasetError(
+                    f"{join(self.root, row['shard'])}: sample {row['key']} is {row['height']}x{row['width']}, "
+                    f"smaller than the crop {crop[0]}x{crop[1]}"
+                )
 
 
 def unknown_keys_error(root: str, unknown: list[str], split: str | None, domain: str | None) -> DatasetError:
@@ -336,6 +340,6 @@ def seeded_rng(*entropy: int) -> np.random.Generator:
 
 
 __all__ = [
-    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate", "batch_to_float", "CorruptTracker",
-    "seeded_rng", "unknown_keys_error", "read_manifest",
+    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate", "batch_to_float",
+    "CorruptTracker", "seeded_rng", "unknown_keys_error",
 ]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from sdeseg.config import Config, ConfigError
 from sdeseg.data.classes import class_names
-from sdeseg.data.reader import LabeledPool, ShardStream, ValLoader, random_labeled_keys, read_key_list
+from sdeseg.data.labeled import labeled_keys_for
+from sdeseg.data.reader import LabeledPool, ShardStream, ValLoader
 from sdeseg.exports import load_depth_model, read_export
 from sdeseg.losses.depth import sde_loss
 from sdeseg.losses.seg import pseudo_label_seg_loss, supervised_seg_loss
@@ -116,12 +117,10 @@ def validate(model, cfg: Config, ctx: StageContext, prefix: str = "seg") -> dict
 
 
 def labeled_keys(cfg: Config) -> list[str]:
-    d = cfg.data
-    if d.labeled_keys:
-        return read_key_list(d.labeled_keys)
-    if d.num_labeled <= 0:
+    keys = labeled_keys_for(cfg.data)
+    if not keys:
         raise ConfigError("data.num_labeled: the semi-supervised stage needs labels (or data.labeled_keys)")
-    return random_labeled_keys(d.root, d.train_split, d.num_labeled, d.labeled_seed, domain=d.domain)
+    return keys
 
 
 def check_classes(cfg: Config, pool: LabeledPool) -> None:
@@ -185,7 +184,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         stream = ShardStream(d.root, d.train_split, domain=d.domain, batch_size=d.batch_size, crop=d.size,
                              augment=d.augment, rank=ctx.rank, world_size=ctx.world_size, num_workers=d.num_workers,
                              shuffle_buffer=d.shuffle_buffer, seed=t.seed, frames=frames,
-                             max_corrupt_fraction=d.max_corrupt_fraction)
+                             max_corrupt_fraction=d.max_corrupt_fraction, labels=False)
 
     step, best, val = 0, -math.inf, {}
     restored = ctx.restore(engine)
