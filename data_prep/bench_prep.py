@@ -146,53 +146,68 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _convert(tree: Path, out: Path, mode: str, fmt: str, procs: int, shard_size: int) -> tuple:
+    """One conversion; (samples, wall s, samples/s, CPU ms/sample, MiB/sample, load after)."""
     from data_prep import cityscapes
     from data_prep.shards import write_shards
 
+    jobs, _ = cityscapes.list_jobs(str(tree), ("train",), mode, (512, 1024), fmt)
+    start = time.perf_counter()
+    report = write_shards(str(out), jobs, cityscapes.convert, shard_size=shard_size, procs=procs,
+                          progress=False, desc="bench")
+    secs = time.perf_counter() - start
+    n = report["samples"]
+    mb = sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20
+    # CPU time inside shard conversions: what one sample costs a core, whatever else runs on
+    # the machine (the wall-clock rate depends on that load)
+    cpu_s = sum(json.loads(p.read_text())["cpu_seconds"] for p in out.glob("*-?????.json"))
+    shutil.rmtree(out)
+    return n, secs, n / secs, 1000 * cpu_s / n, mb / n, os.getloadavg()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=24, help="annotated frames (labeled triplets)")
     ap.add_argument("--procs", default="1,2", help="process counts to compare")
     ap.add_argument("--formats", default="png,jpg", help="stored image formats to compare")
     ap.add_argument("--shard-size", type=int, default=4, help="small, so 2 processes have shards to share")
-    ap.add_argument("--workdir", default=None, help="folder for fake tree + shards (default: temp dir)")
+    ap.add_argument("--all-snippets", type=int, default=0,
+                    help="also time --frames all on this many full 30-frame snippets (1 process)")
+    ap.add_argument("--workdir", default=None, help="folder for fake trees + shards (default: temp dir)")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prep_"))
     try:
-        t0 = time.perf_counter()
         tree = work / f"cityscapes_{args.frames}"
         if not tree.exists():  # a --workdir keeps the tree for the next run
             make_fake_cityscapes(tree, bench_layout(args.frames), size=FULL_SIZE, snippet="neighbours",
                                  texture=True)
-        gen_s = time.perf_counter() - t0
         src_mb = sum(p.stat().st_size for p in tree.rglob("*.png")) / 2**20
-        print(f"fake tree: {args.frames} labeled triplets at {FULL_SIZE[0]}x{FULL_SIZE[1]}, "
-              f"{src_mb:.0f} MiB of PNG, written in {gen_s:.1f} s")
+        size = f"{FULL_SIZE[0]}x{FULL_SIZE[1]}"
+        print(f"fake tree: {args.frames} labeled triplets at {size}, {src_mb:.0f} MiB of PNG")
         load = os.getloadavg()[0]
         print(f"machine: {os.cpu_count()} CPUs ({_cpu_name()}), load average {load:.2f} at start")
         rows = []
         for fmt in args.formats.split(","):
             for procs in (int(p) for p in args.procs.split(",")):
                 out = work / f"out_{fmt}_{procs}"
-                jobs, _ = cityscapes.list_jobs(str(tree), ("train",), "labeled",
-                                               (512, 1024), fmt)
-                start = time.perf_counter()
-                report = write_shards(str(out), jobs, cityscapes.convert, shard_size=args.shard_size,
-                                      procs=procs, progress=False, desc="bench")
-                secs = time.perf_counter() - start
-                mb = sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20
-                # CPU time inside shard conversions: what one sample costs a core, whatever else
-                # runs on the machine (the wall-clock rate depends on that load)
-                cpu_s = sum(json.loads(p.read_text())["cpu_seconds"] for p in out.glob("*-?????.json"))
-                rows.append((procs, fmt, report["samples"], secs, report["samples"] / secs,
-                             1000 * cpu_s / report["samples"], mb / report["samples"], os.getloadavg()[0]))
-                shutil.rmtree(out)
+                result = _convert(tree, out, "labeled", fmt, procs, args.shard_size)
+                rows.append(("labeled", procs, fmt, *result))
+        if args.all_snippets:
+            seq_tree = work / f"cityscapes_snippets_{args.all_snippets}"
+            if not seq_tree.exists():
+                layout = {"train": {"aachen": [(i, 19) for i in range(args.all_snippets)]}}
+                make_fake_cityscapes(seq_tree, layout, size=FULL_SIZE, snippet="full", texture=True)
+            for fmt in args.formats.split(","):
+                out = work / f"out_all_{fmt}"
+                rows.append(("all", 1, fmt, *_convert(seq_tree, out, "all", fmt, 1, 28)))
         print()
-        print("| processes | format | samples | wall s | samples/s | CPU ms/sample | MiB/sample | load |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|")
-        for procs, fmt, n, secs, rate, ms, mbs, load in rows:
-            print(f"| {procs} | {fmt} | {n} | {secs:.1f} | {rate:.2f} | {ms:.0f} | {mbs:.2f} | {load:.2f} |")
+        print("| frames | processes | format | samples | wall s | samples/s | CPU ms/sample | MiB/sample "
+              "| load |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for mode, procs, fmt, n, secs, rate, ms, mbs, load in rows:
+            print(f"| {mode} | {procs} | {fmt} | {n} | {secs:.1f} | {rate:.2f} | {ms:.0f} | {mbs:.2f} "
+                  f"| {load:.2f} |")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,9 +2,10 @@
 
 ``python -m data_prep.bench_synthetic`` renders the default dataset (1000 train
 samples at 96x192, city style) with all local processes, then smaller runs with
-one process and at 256x512, and prints two markdown tables: samples per second
-(wall clock of ``generate``, encoding and shard writing included, process start-up
-included) and the class frequencies of the default dataset (percentage of pixels,
+one process and at 256x512, and prints two markdown tables: throughput (wall clock
+of ``generate`` -- rendering, PNG encoding, shard writing and worker start-up -- and
+the CPU time it used, which stays comparable when other jobs share the machine) and
+the class frequencies of the default dataset (percentage of pixels,
 and the fraction of images that contain each class).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +44,17 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the worker processes).
+
+    Unlike wall time it does not grow when other jobs share the cores, so it is the
+    figure to compare between runs on a busy machine.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def class_table(root: Path) -> list[tuple[str, float, float]]:
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             # enough shards to keep every process busy until the end
             shard_size = max(1, min(64, n // (4 * p)))
             start = time.perf_counter()
+            cpu_start = _cpu_seconds()
             report = generate(
                 str(out),
                 num_train=n,
@@ -91,16 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
             )
             seconds = time.perf_counter() - start
-            rows.append((f"{h}x{w}", p, report["samples"], seconds, report["samples"] / seconds))
+            cpu = _cpu_seconds() - cpu_start
+            rows.append((f"{h}x{w}", p, report["samples"], seconds, report["samples"] / seconds, cpu))
             print(f"  {h}x{w} procs={p}: {report['samples']} samples in {seconds:.1f} s", flush=True)
             if k == 0:
                 default_root = out
         table = class_table(default_root)
     print(f"\nload average after: {os.getloadavg()}\n")
-    print("| size | processes | samples | seconds | samples/s | samples/s per process |")
-    print("|---|---|---|---|---|---|")
-    for size, p, n, sec, rate in rows:
-        print(f"| {size} | {p} | {n} | {sec:.1f} | {rate:.2f} | {rate / p:.2f} |")
+    print("| size | processes | samples | wall s | samples/s | CPU s per sample | samples per CPU-second |")
+    print("|---|---|---|---|---|---|---|")
+    for size, p, n, sec, rate, cpu in rows:
+        print(f"| {size} | {p} | {n} | {sec:.1f} | {rate:.2f} | {cpu / n:.3f} | {n / cpu:.2f} |")
     print(f"\nclass frequencies of the default dataset ({rows[0][2]} train samples, 96x192, city, seed 0):\n")
     print("| class | % of pixels | % of images |")
     print("|---|---|---|")

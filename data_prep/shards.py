@@ -35,6 +35,7 @@ import math
 import os
 import re
 import sys
+import tarfile
 import time
 import uuid
 from collections import Counter
@@ -46,7 +47,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -123,6 +123,26 @@ def _tmp_name(path: str) -> str:
     return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
 
 
+def _write_tar_sample(tar: tarfile.TarFile, members: dict) -> None:
+    """Append one sample as ``<key>.<member>`` entries, the WebDataset convention.
+
+    Written with the standard library rather than ``webdataset.TarWriter``: importing
+    webdataset imports torch, which would add seconds to every worker's start-up. Members
+    are sorted and mtime is 0 so that the same inputs give byte-identical shards.
+    """
+    key = members["__key__"]
+    for name in sorted(members):
+        if name.startswith("_"):
+            continue
+        data = members[name]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{key}: member {name} is {type(data).__name__}, expected encoded bytes")
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "sdeseg"
+        tar.addfile(info, io.BytesIO(data))
+
+
 def _atomic_write_bytes(fs, path: str, data: bytes) -> None:
     tmp = _tmp_name(path)
     try:
@@ -157,9 +177,12 @@ def convert_shard(
     class_counts = np.zeros(num_classes, dtype=np.int64)
     final = join(path, plan.name)
     tmp = _tmp_name(final)
+    side = join(path, _sidecar(plan.name))
+    if fs.exists(side):
+        # a stale record (other inputs or settings) must never vouch for the tar written next
+        fs.rm(side)
     try:
-        with fs.open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        with fs.open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:  # streamed: fine for s3
             for job in plan.jobs:
                 try:
                     members = convert(job)
@@ -176,7 +199,7 @@ def convert_shard(
                     label = decode_image(members["label.png"])
                     counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)
                     class_counts += counts[:num_classes]
-                writer.write(members)
+                _write_tar_sample(tar, members)
                 rows.append(
                     {
                         "key": job.key,
@@ -190,7 +213,6 @@ def convert_shard(
                         "source": json.dumps(job.source, sort_keys=True),
                     }
                 )
-            writer.close()  # writes the tar end blocks; the file itself closes with the `with`
         if rows:
             fs.mv(tmp, final)
         else:  # an empty tar is useless to readers; record the skips only
@@ -211,7 +233,7 @@ def convert_shard(
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,  # unaffected by other load on the machine
     }
-    _atomic_write_bytes(fs, join(path, _sidecar(plan.name)), json.dumps(record).encode())
+    _atomic_write_bytes(fs, side, json.dumps(record).encode())
     return record
 
 

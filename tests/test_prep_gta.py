@@ -172,3 +172,19 @@ def test_shares_an_output_folder_with_cityscapes(gta, tmp_path):
     keys = {r["key"].split("/")[0] for r in read_manifest(str(out))}
     assert keys == {"cityscapes", "gta"} and len(read_back(out)) == 8
     assert report(out)["manifest_rows_kept"] == 4
+
+
+def test_object_storage_urls_in_and_out(gta):
+    """Root and output as fsspec URLs (the in-memory filesystem stands in for s3:// / gs://)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.put(str(gta), "/bucket/gta5", recursive=True)
+        assert prep("memory://bucket/gta5", "memory://bucket/shards") == 0
+        rows = read_manifest("memory://bucket/shards")
+        assert sorted(r["key"] for r in rows) == [f"gta/train/{sid}" for sid in IDS]
+        assert fs.exists("/bucket/shards/gta-train-00000.tar")
+        assert json.loads(fs.cat("/bucket/shards/prep_report.json"))["samples"] == 4
+    finally:
+        fs.rm("/bucket", recursive=True)

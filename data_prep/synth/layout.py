@@ -824,17 +824,33 @@ def add_building(b: SceneBuilder, side: int, x_front: float, z0: float, z1: floa
         *b.color(st.roof),
         *b.color(st.glass, 0.08),
     )
+    facade = b.color(st.facade)
+    wavelength, amp = rng.uniform(1.5, 4.0), rng.uniform(0.12, 0.3)
     b.box_between(
         (side * x_front, 0, z0),
         (side * (x_front + depth), height, z1),
         BUILDING,
-        b.color(st.facade),
+        facade,
         pattern=M.FACADE,
-        wavelength=rng.uniform(1.5, 4.0),
-        amp=rng.uniform(0.12, 0.3),
+        wavelength=wavelength,
+        amp=amp,
         params=params,
         caster=True,
     )
+    if floors >= 3 and z1 - z0 > 8.0 and rng.random() < 0.3:  # a set-back top storey
+        inset = rng.uniform(1.2, 3.0)
+        top = floor_h * rng.integers(1, 3)
+        b.box_between(
+            (side * (x_front + inset), height - 0.05, z0 + rng.uniform(0.0, 2.0)),
+            (side * (x_front + depth), height + top, z1 - rng.uniform(0.0, 2.0)),
+            BUILDING,
+            facade * 0.92,
+            pattern=M.FACADE,
+            wavelength=wavelength,
+            amp=amp,
+            params=(floor_h, params[1], params[2], params[3], 0.0, *params[5:]),
+            caster=True,
+        )
 
 
 def add_facing_building(b: SceneBuilder, x0: float, x1: float, z0: float, z1: float, urb: float):
@@ -954,7 +970,7 @@ def add_intersection(b: SceneBuilder, road: dict):
 def add_furniture(b: SceneBuilder, road: dict):
     """Street lamps, tree rows and sign poles along both sidewalks; lights at a zebra crossing."""
     rng, st = b.rng, b.style
-    rw, kh = road["half_width"], road["kerb"]
+    rw = road["half_width"]
     inter = road["intersection"]
     zones = [] if inter is None else [(inter[0] - inter[2] - 0.5, inter[1] + inter[2] + 0.5)]
     zend = road["end"] if road["end"] is not None else Z_MAX
@@ -1017,7 +1033,6 @@ def add_furniture(b: SceneBuilder, road: dict):
             if rng.random() < 0.6:
                 b.sign(side * (rw + 0.5), 2.4, road["crossing"][1] + 0.5, np.array((0, 0, -1.0)), 2)
                 b.pole(side * (rw + 0.5), road["crossing"][1] + 0.56, 2.6, 0.04, pole_color)
-    del kh
 
 
 def add_vehicles(b: SceneBuilder, road: dict, ego: Ego):

@@ -23,9 +23,7 @@ SUBSAMPLES = np.array([(-0.125, -0.375), (0.375, -0.125), (0.125, 0.375), (-0.37
 
 def sample_seed(seed: int, split: str, style: str, index: int) -> np.random.SeedSequence:
     """Independent random stream per (seed, split, style, index); train and val never coincide."""
-    return np.random.SeedSequence(
-        [int(seed), zlib.crc32(split.encode()), zlib.crc32(style.encode()), int(index)]
-    )
+    return np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), zlib.crc32(style.encode()), int(index)])
 
 
 def intrinsics(rng: np.random.Generator, style: Style, height: int, width: int) -> np.ndarray:
@@ -88,9 +86,7 @@ def render_frame(
         vs, us = np.nonzero(edge)
         if len(vs):
             padded = np.pad(tr.pid, 1, mode="constant", constant_values=-1)
-            cand = np.sort(
-                np.stack([padded[vs + dv, us + du] for dv in range(3) for du in range(3)], axis=1), 1
-            )
+            cand = np.sort(np.stack([padded[vs + dv, us + du] for dv in range(3) for du in range(3)], axis=1), 1)
             cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1  # each neighbour primitive once
             pix = np.stack(
                 [
@@ -102,7 +98,8 @@ def render_frame(
             ).reshape(-1, 3)
             rays = pix @ np.linalg.inv(cam.K).T @ cam.R.T
             sub = trace_rays(scene, cam, frame, rays, np.repeat(cand, len(SUBSAMPLES), axis=0))
-            rgb[vs, us] = shade(scene, sub, cam, light, style).reshape(len(vs), len(SUBSAMPLES), 3).mean(1)
+            colors = shade(scene, sub, cam, light, style)
+            rgb[vs, us] = colors.reshape(len(vs), len(SUBSAMPLES), 3).mean(1)
     return tone_map(rgb, light, style), tr
 
 

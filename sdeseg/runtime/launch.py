@@ -10,6 +10,7 @@ the same run name and storage path resumes a stopped run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,6 +26,32 @@ from sdeseg.stages import stage_fn
 
 log = logging.getLogger("sdeseg")
 PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, "RAY_AUTH_MODE")
+
+
+def _absolute(path: str | None) -> str | None:
+    """Local relative paths are made absolute: Ray workers do not share the driver's cwd."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def preflight(cfg: Config) -> Config:
+    """Resolve local paths and check inputs exist, before any worker starts."""
+    from sdeseg.data.manifest import read_manifest
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root = _absolute(cfg.data.root)
+    cfg.data.labeled_keys = _absolute(cfg.data.labeled_keys)
+    cfg.semiseg.sde_checkpoint = _absolute(cfg.semiseg.sde_checkpoint)
+    cfg.model.pretrained = _absolute(cfg.model.pretrained)
+    cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
+    read_manifest(cfg.data.root)  # clear DatasetError for a missing/empty dataset
+    files = {"data.labeled_keys": cfg.data.labeled_keys, "semiseg.sde_checkpoint": cfg.semiseg.sde_checkpoint,
+             "model.pretrained": cfg.model.pretrained}
+    for key, path in files.items():
+        if path is not None and "://" not in path and not Path(path).is_file():
+            raise ConfigError(f"{key}: file {path} does not exist")
+    return cfg
 
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path) -> Path:
@@ -66,6 +93,7 @@ def run_in_process(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 
     if cfg.runtime.use_gpu and not torch.cuda.is_available():
         raise ConfigError("runtime.use_gpu: this machine has no CUDA GPU (set runtime.use_gpu=false)")
+    cfg = preflight(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
     init_single_process_group()
     device = torch.device("cuda", 0) if cfg.runtime.use_gpu else torch.device("cpu")
@@ -100,7 +128,7 @@ def ensure_ray(cfg: Config):
             need = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
             # workers inherit the settings that change behaviour (ops backend, test hooks)
             env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-            ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+            ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
                      log_to_driver=True, runtime_env={"env_vars": env} if env else None)
     total = ray.cluster_resources()
     rt = cfg.runtime
@@ -122,6 +150,7 @@ def ensure_ray(cfg: Config):
 
 def run_on_ray(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Run the stage with Ray Train: one DeepSpeed rank per worker, fault tolerant, resumable."""
+    cfg = preflight(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
     ensure_ray(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -9,18 +9,29 @@ SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
 
 
+def box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 mean of a padded (B,C,H+2,W+2) tensor -> (B,C,H,W), as separable sums of slices.
+
+    Same values as ``F.avg_pool2d(x, 3, 1)`` but about 3x faster forward+backward on CPU,
+    where the photometric loss is a quarter of an SDE training step.
+    """
+    r = x[..., :, :-2] + x[..., :, 1:-1] + x[..., :, 2:]
+    return (r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :]) * (1.0 / 9.0)
+
+
 def ssim_dissimilarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(1 - SSIM) / 2 per pixel and channel, clamped to [0, 1] like Monodepth2.
 
     Statistics are 3x3 means over reflection-padded inputs. x, y: (B,C,H,W) -> (B,C,H,W).
     """
+    c = x.shape[1]
     x = F.pad(x, (1, 1, 1, 1), mode="reflect")
     y = F.pad(y, (1, 1, 1, 1), mode="reflect")
-    mu_x = F.avg_pool2d(x, 3, 1)
-    mu_y = F.avg_pool2d(y, 3, 1)
-    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
-    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
-    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    stats = box3(torch.cat([x, y, x * x, y * y, x * y], 1))  # one pass for all five means
+    mu_x, mu_y, xx, yy, xy = stats.split(c, 1)
+    sigma_x = xx - mu_x**2
+    sigma_y = yy - mu_y**2
+    sigma_xy = xy - mu_x * mu_y
     num = (2 * mu_x * mu_y + SSIM_C1) * (2 * sigma_xy + SSIM_C2)
     den = (mu_x**2 + mu_y**2 + SSIM_C1) * (sigma_x + sigma_y + SSIM_C2)
     return torch.clamp((1 - num / den) / 2, 0, 1)
