@@ -119,6 +119,8 @@ def generate(
         progress=progress,
         extra_report=extra,
         max_skip_fraction=0.0,
+        # a re-run with another size/style/seed must not resume these shards
+        settings={k: extra["generator"][k] for k in ("name", "style", "seed", "size")},
     )
 
 

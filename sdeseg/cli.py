@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides (key=value) may come before or after options such as --run-dir; argparse
+    # only collects a trailing positional list, so gather stray key=value words here
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if "=" in w and not w.startswith("-")]
+    if len(stray) != len(extra) or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w not in stray) or ' '.join(stray)}")
+    if stray:
+        args.overrides = list(args.overrides) + stray
     from sdeseg.config import ConfigError
     from sdeseg.data.manifest import DatasetError
 

@@ -154,8 +154,7 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
     assert report["samples"] == 4 and report["shards"] == 2 and report["shards_converted_this_run"] == 2
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(
-        [sample_key("city", "train", 0, i) for i in range(2)]
-        + [sample_key("city", "val", 0, i) for i in range(2)]
+        [sample_key("city", "train", 0, i) for i in range(2)] + [sample_key("city", "val", 0, i) for i in range(2)]
     )
     assert {r["domain"] for r in rows} == {"synth-city"} and all(r["has_label"] for r in rows)
     assert {(r["height"], r["width"]) for r in rows} == {(32, 64)}

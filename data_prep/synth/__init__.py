@@ -7,6 +7,7 @@ Modules, in the order a frame is made:
                   as analytic primitives (boxes, cylinders, ellipsoids) in a world frame;
 * ``geometry`` -- cameras and vectorised ray casting with screen-space culling;
 * ``noise``    -- hashed value noise and analytically filtered patterns;
+* ``materials``-- the shading-pattern ids the layout assigns to primitives;
 * ``shading``  -- materials, sun + sky lighting, shadows, haze and tone mapping;
 * ``render``   -- ``render_sample``: one frame triplet with exact depth, pose and labels.
 """

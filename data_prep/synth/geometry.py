@@ -28,9 +28,7 @@ _EPS_DIR = 1e-12
 
 # the 8 corners of a unit box and its 12 edges, for bounding-box projection
 _CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
-_EDGES = np.array(
-    [(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(_CORNERS[a] - _CORNERS[b]).sum() == 2]
-)
+_EDGES = np.array([(a, b) for a in range(8) for b in range(a + 1, 8) if np.abs(_CORNERS[a] - _CORNERS[b]).sum() == 2])
 
 
 @dataclass

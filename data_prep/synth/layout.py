@@ -170,9 +170,7 @@ class SceneBuilder:
         """Add a part of a rigid group placed at ``origin`` with yaw ``heading``."""
         r = yaw(heading)
         center = np.asarray(origin, float) + r @ np.asarray(offset, float)
-        return self.add(
-            kind, center, size, cls, color, rot=r if rot is None else r @ rot, velocity=velocity, **kw
-        )
+        return self.add(kind, center, size, cls, color, rot=r if rot is None else r @ rot, velocity=velocity, **kw)
 
     def car(self, x, z, heading, velocity=(0, 0, 0), kind="car"):
         """A car (or a van when ``kind == 'van'``): body, greenhouse and two axles."""
@@ -377,9 +375,7 @@ class SceneBuilder:
                     **kw,
                 )
             torso_c, lean, arm_lean = (0.0, 1.22 * s, 0.12 * s), 0.45, 0.9
-        self.part(
-            ELLIPSOID, o, heading, torso_c, (0.2 * s, 0.33 * s, 0.13 * s), cls, shirt, rot=pitch(lean), **kw
-        )
+        self.part(ELLIPSOID, o, heading, torso_c, (0.2 * s, 0.33 * s, 0.13 * s), cls, shirt, rot=pitch(lean), **kw)
         for side in (-1, 1):
             arm_c = (side * 0.25 * s, torso_c[1] - 0.02 * s, torso_c[2] + 0.12 * s * arm_lean)
             self.part(
@@ -419,9 +415,7 @@ class SceneBuilder:
                 params=(radius,),
                 **kw,
             )
-        self.part(
-            BOX, o, heading, (0, 0.62, 0.0), (0.03, 0.2, 0.42), BICYCLE, frame, wavelength=0.3, amp=0.05, **kw
-        )
+        self.part(BOX, o, heading, (0, 0.62, 0.0), (0.03, 0.2, 0.42), BICYCLE, frame, wavelength=0.3, amp=0.05, **kw)
         self.part(BOX, o, heading, (0, 1.0, 0.45), (0.3, 0.025, 0.025), BICYCLE, st.pole[1], **kw)
         if rider:
             self.person(x, z, heading, velocity=velocity, cls=RIDER, seated=True, y0=0.0)
@@ -460,12 +454,8 @@ class SceneBuilder:
             amp=0.05,
             velocity=velocity,
         )
-        self.part(
-            BOX, o, heading, (0, 0.9, -0.25), (0.15, 0.06, 0.35), MOTORCYCLE, (30, 30, 30), velocity=velocity
-        )
-        self.part(
-            BOX, o, heading, (0, 1.05, 0.62), (0.35, 0.025, 0.025), MOTORCYCLE, st.pole[1], velocity=velocity
-        )
+        self.part(BOX, o, heading, (0, 0.9, -0.25), (0.15, 0.06, 0.35), MOTORCYCLE, (30, 30, 30), velocity=velocity)
+        self.part(BOX, o, heading, (0, 1.05, 0.62), (0.35, 0.025, 0.025), MOTORCYCLE, st.pole[1], velocity=velocity)
 
     def tree(self, x, z, scale=1.0):
         """A tree: trunk cylinder and an ellipsoidal crown (both vegetation)."""
@@ -611,8 +601,7 @@ def sample_road(rng: np.random.Generator) -> dict:
         end=None,
     )
     road["verge"] = tuple(
-        rng.uniform(0.8, min(2.2, w - 1.6)) if w > 2.6 and rng.random() < 0.35 else 0.0
-        for w in road["sidewalk"]
+        rng.uniform(0.8, min(2.2, w - 1.6)) if w > 2.6 and rng.random() < 0.35 else 0.0 for w in road["sidewalk"]
     )
     if rng.random() < 0.5:
         z0 = rng.uniform(14.0, 70.0)
@@ -986,9 +975,7 @@ def add_furniture(b: SceneBuilder, road: dict):
                 if not _blocked(z - 1, z + 1, zones):
                     x = side * (rw + 0.45)
                     b.pole(x, z, h, 0.09, pole_color)
-                    b.box_between(
-                        (x, h - 0.05, z - 0.05), (x - side * arm, h + 0.05, z + 0.05), POLE, pole_color
-                    )
+                    b.box_between((x, h - 0.05, z - 0.05), (x - side * arm, h + 0.05, z + 0.05), POLE, pole_color)
                     b.box_between(
                         (x - side * (arm - 0.35), h - 0.18, z - 0.18),
                         (x - side * (arm + 0.25), h, z + 0.18),
@@ -1001,9 +988,7 @@ def add_furniture(b: SceneBuilder, road: dict):
             z = rng.uniform(-5, spacing)
             while z < min(zend, 160.0):
                 if not _blocked(z - 3, z + 3, zones):
-                    b.tree(
-                        side * (rw + rng.uniform(0.9, min(1.5, sw - 0.6))), z, scale=rng.uniform(0.8, 1.25)
-                    )
+                    b.tree(side * (rw + rng.uniform(0.9, min(1.5, sw - 0.6))), z, scale=rng.uniform(0.8, 1.25))
                 z += spacing * rng.uniform(0.85, 1.15)
         for _ in range(1 + rng.poisson(2.5)):  # sign poles
             z = rng.uniform(3.0, 70.0)
@@ -1089,9 +1074,7 @@ def add_vehicles(b: SceneBuilder, road: dict, ego: Ego):
             z = max(z, 3.0)
         if (lx, direction) == tram_lane:
             speed = rng.uniform(0.3, 0.8) if direction < 0 else ego.step * rng.uniform(0.8, 1.05)
-            b.bus(
-                lx, z + 15.0, 0.0 if direction > 0 else math.pi, velocity=(0, 0, direction * speed), tram=True
-            )
+            b.bus(lx, z + 15.0, 0.0 if direction > 0 else math.pi, velocity=(0, 0, direction * speed), tram=True)
             continue
         for _ in range(count):
             if z > zend:

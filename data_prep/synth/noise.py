@@ -141,9 +141,7 @@ def fbm(
     return total * np.float32(1.7 / norm)
 
 
-def _pulse_integral(
-    x: np.ndarray, period: float | np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray
-):
+def _pulse_integral(x: np.ndarray, period: float | np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray):
     k = np.floor(x / period)
     r = x - k * period
     return k * (hi - lo) + np.clip(r - lo, 0.0, hi - lo)

@@ -86,9 +86,7 @@ class Surface:
     road: dict
     style: Style
 
-    def noise(
-        self, scale: float = 1.0, octaves: int = 6, shift: float = 0.0, gain: float = 0.5
-    ) -> np.ndarray:
+    def noise(self, scale: float = 1.0, octaves: int = 6, shift: float = 0.0, gain: float = 0.5) -> np.ndarray:
         """Filtered fractal noise at the points, wavelength ``scale`` x the material's."""
         return fbm(self.p, self.fp, self.wl * scale, octaves=octaves, gain=gain, offset=self.offset + shift)
 
@@ -149,11 +147,7 @@ def road(s: Surface):
             m += band(x, c - w, c + w, fx)
     cross = rd["crossing"]
     if cross is not None:
-        m += (
-            band(z, cross[0], cross[1], fz)
-            * pulse(x + 0.25, 1.0, 0.0, 0.5, fx)
-            * band(x, -rw + 0.4, rw - 0.4, fx)
-        )
+        m += band(z, cross[0], cross[1], fz) * pulse(x + 0.25, 1.0, 0.0, 0.5, fx) * band(x, -rw + 0.4, rw - 0.4, fx)
         m += band(z, cross[0] - 0.9, cross[0] - 0.5, fz) * band(x, 0.0, rw - park, fx)
     wear = np.clip(0.75 + 0.5 * s.noise(scale=0.25, octaves=3, shift=77.0), 0.0, 1.0)
     m = np.clip(m, 0, 1) * on_road * wear
@@ -244,11 +238,7 @@ def vehicle(s: Surface):
     alb = _mix(alb, lin((25, 25, 27)), 0.85 * bottom)
     ends = _face(s, 2)
     front = s.n[:, 2] > 0.5
-    lamp = (
-        band(np.abs(x), he[:, 0] - 0.42, he[:, 0] - 0.08, fp)
-        * band(y, he[:, 1] - 0.32, he[:, 1] - 0.1, fp)
-        * ends
-    )
+    lamp = band(np.abs(x), he[:, 0] - 0.42, he[:, 0] - 0.08, fp) * band(y, he[:, 1] - 0.32, he[:, 1] - 0.1, fp) * ends
     lamp_col = np.where(front[:, None], lin((235, 235, 220)), lin((170, 20, 20)))
     plate = band(np.abs(x), -1, 0.26, fp) * band(y, -he[:, 1] + 0.17, -he[:, 1] + 0.3, fp) * ends
     grille = band(np.abs(x), -1, 0.5, fp) * band(y, -he[:, 1] + 0.3, he[:, 1] - 0.3, fp) * front
@@ -273,11 +263,7 @@ def cabin(s: Surface):
     sides = _face(s, 0)
     ends = _face(s, 2)
     vy = band(y, -he[:, 1] + 0.04, he[:, 1] - 0.07, fp)
-    side_win = (
-        vy
-        * band(np.abs(z), -1, he[:, 2] - 0.12, fp)
-        * (1 - band(z, 0.05 * he[:, 2], 0.05 * he[:, 2] + 0.1, fp))
-    )
+    side_win = vy * band(np.abs(z), -1, he[:, 2] - 0.12, fp) * (1 - band(z, 0.05 * he[:, 2], 0.05 * he[:, 2] + 0.1, fp))
     end_win = vy * band(np.abs(x), -1, he[:, 0] - 0.09, fp)
     win = side_win * sides + end_win * ends
     return alb + (_glass(s, y, he[:, 1]) - alb) * win[:, None], None
@@ -299,9 +285,7 @@ def bus(s: Surface):
         pulse(z, np.maximum(pillar, 0.5), 0.12, np.maximum(pillar, 0.5) - 0.06, fp),
     )
     win = vy * pil * sides
-    win += (
-        band(y, np.where(truck > 0, lo, lo - 0.5), hi, fp) * band(np.abs(x), -1, he[:, 0] - 0.1, fp) * front
-    )
+    win += band(y, np.where(truck > 0, lo, lo - 0.5), hi, fp) * band(np.abs(x), -1, he[:, 0] - 0.1, fp) * front
     win += (1 - truck) * band(y, lo + 0.3, hi - 0.1, fp) * band(np.abs(x), -1, he[:, 0] - 0.25, fp) * rear
     skirt = band(y, -1, 0.22, fp) * (1 - _face(s, 1))
     alb = _mix(alb, lin((30, 30, 32)), 0.8 * skirt)
@@ -401,9 +385,7 @@ def fence(s: Surface):
     plank = cell_hash(np.floor(q / period), seed=5) * octave_fade(period, s.fp)
     alb *= (1.0 + 0.15 * plank)[:, None]
     gaps = pulse(q, period, 0.0, gap * period, s.fp) * (1 - _face(s, 1))
-    rails = band(np.abs(y - 0.3 * he[:, 1]), -1, 0.06, s.fp) + band(
-        np.abs(y + 0.5 * he[:, 1]), -1, 0.06, s.fp
-    )
+    rails = band(np.abs(y - 0.3 * he[:, 1]), -1, 0.06, s.fp) + band(np.abs(y + 0.5 * he[:, 1]), -1, 0.06, s.fp)
     gaps *= 1 - np.clip(rails, 0, 1)
     return alb * (1.0 - 0.7 * gaps)[:, None], None
 
