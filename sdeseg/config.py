@@ -114,10 +114,16 @@ class ModelConfig:
     aspp: bool = False  # ASPP as the first decoder block (as in the paper's code)
     decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     num_classes: int = 19
+    # initial output of the sigmoid disparity heads; 0.01 is ~10 m with the default 0.1-100 m
+    # depth range (None: sigmoid(0) = 0.5, ~0.2 m, from which the disparity can collapse)
+    init_disp: float | None = 0.01
     pose_encoder: Literal["resnet18", "resnet34"] = "resnet18"
     pose_width: int = 64
     pose_rot_scale: float = 0.01  # output scale of axis-angle rotation
     pose_trans_scale: float = 1.0  # output scale of translation (0.01 collapsed disparity, see README)
+    # initial forward motion per frame of the pose net (scale-free prior, pairs with init_disp;
+    # 0: start from no motion as Monodepth2 does)
+    pose_init_forward: float = 1.0
     multitask: bool = False  # depth and segmentation decoders side by side, exchanging features
     exchange_level: int = 2  # decoder block after which features are exchanged
 
@@ -128,6 +134,7 @@ class ModelConfig:
         _check(all(c > 0 for c in self.decoder_channels), "model.decoder_channels", "must be positive")
         _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
         _check(0 <= self.exchange_level <= 4, "model.exchange_level", "must be in [0, 4]")
+        _check(self.init_disp is None or 0 < self.init_disp < 1, "model.init_disp", "must be in (0, 1)")
         if self.pretrained is not None and self.width != 64:
             raise ConfigError("model.pretrained: published ImageNet weights need model.width=64")
 

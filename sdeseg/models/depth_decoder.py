@@ -12,6 +12,8 @@ class, so the body's ``state_dict`` transfers from the SDE model unchanged.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -124,11 +126,21 @@ class DepthDecoder(nn.Module):
         aspp: bool = False,
         output_stride: int = 32,
         num_scales: int = NUM_DISP_SCALES,
+        init_disp: float | None = None,
     ) -> None:
         super().__init__()
         self.body = DecoderBody(num_ch_enc, channels, aspp=aspp, output_stride=output_stride)
         self.scales = tuple(range(num_scales))
         self.disp_heads = nn.ModuleList([Conv3x3(channels[s], 1) for s in self.scales])
+        if init_disp is not None:
+            # Start at a plausible scene depth instead of sigmoid(0) = 0.5 (~0.2 m with a
+            # 0.1-100 m range): from there the pose net explains the motion with tiny
+            # translations and the disparity runs into the saturated sigmoid (a dead end).
+            if not 0.0 < init_disp < 1.0:
+                raise ValueError(f"init_disp must be in (0, 1), got {init_disp}")
+            bias = math.log(init_disp / (1.0 - init_disp))
+            for head in self.disp_heads:
+                nn.init.constant_(head.conv.bias, bias)
 
     def heads(self, feats: dict[int, torch.Tensor]) -> dict[tuple, torch.Tensor]:
         """Disparity outputs for the scales whose level is in ``feats`` (level -> features)."""

@@ -78,7 +78,8 @@ class PoseDecoder(nn.Module):
     """
 
     def __init__(
-        self, cin: int, hidden: int = 256, rot_scale: float = 0.01, trans_scale: float = 1.0
+        self, cin: int, hidden: int = 256, rot_scale: float = 0.01, trans_scale: float = 1.0,
+        init_forward: float = 0.0,
     ) -> None:
         super().__init__()
         self.squeeze = nn.Conv2d(cin, hidden, 1)
@@ -87,6 +88,15 @@ class PoseDecoder(nn.Module):
         self.out = nn.Conv2d(hidden, 6, 1)
         self.relu = nn.ReLU()
         self.rot_scale, self.trans_scale = rot_scale, trans_scale
+        if init_forward:
+            # Start from a camera moving forward (z) by init_forward per frame instead of from
+            # no motion: with a plausible initial depth the first warps are then roughly right
+            # and depth learns from the start. The pair (earlier, later) predicts the later
+            # camera's pose, so forward motion is -init_forward in the frame-0 -> frame-1 T.
+            with torch.no_grad():
+                self.out.weight.mul_(0.1)
+                self.out.bias.zero_()
+                self.out.bias[5] = -init_forward / trans_scale
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feat (B,cin,h,w) -> (axisangle (B,3), translation (B,3))."""
@@ -114,6 +124,7 @@ class PoseNet(nn.Module):
         rot_scale: float = 0.01,
         trans_scale: float = 1.0,
         frame_ids: Sequence[int] = FRAME_IDS,
+        init_forward: float = 0.0,
     ) -> None:
         super().__init__()
         if 0 in frame_ids:
@@ -121,7 +132,8 @@ class PoseNet(nn.Module):
         self.encoder = ResNetEncoder(depth, width=width, in_channels=6)
         # 256 hidden channels at the standard width (Monodepth2), fewer for slim demo nets
         self.decoder = PoseDecoder(
-            self.encoder.num_ch_enc[-1], hidden=4 * width, rot_scale=rot_scale, trans_scale=trans_scale
+            self.encoder.num_ch_enc[-1], hidden=4 * width, rot_scale=rot_scale, trans_scale=trans_scale,
+            init_forward=init_forward,
         )
         self.frame_ids = tuple(frame_ids)
 

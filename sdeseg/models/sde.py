@@ -78,7 +78,8 @@ def build_encoder(cfg: ModelConfig) -> ResNetEncoder:
 
 def build_depth_decoder(cfg: ModelConfig, encoder: ResNetEncoder) -> DepthDecoder:
     return DepthDecoder(
-        encoder.num_ch_enc, cfg.decoder_channels, aspp=cfg.aspp, output_stride=encoder.output_stride
+        encoder.num_ch_enc, cfg.decoder_channels, aspp=cfg.aspp, output_stride=encoder.output_stride,
+        init_disp=cfg.init_disp,
     )
 
 
@@ -91,6 +92,7 @@ def build_pose_net(cfg: ModelConfig, frame_ids: Sequence[int] = FRAME_IDS) -> Po
         rot_scale=cfg.pose_rot_scale,
         trans_scale=cfg.pose_trans_scale,
         frame_ids=frame_ids,
+        init_forward=cfg.pose_init_forward,
     )
 
 
