@@ -116,14 +116,14 @@ class ModelConfig:
     num_classes: int = 19
     # initial output of the sigmoid disparity heads; 0.01 is ~10 m with the default 0.1-100 m
     # depth range (None: sigmoid(0) = 0.5, ~0.2 m, from which the disparity can collapse)
-    init_disp: float | None = 0.01
+    init_disp: float | None = None
     pose_encoder: Literal["resnet18", "resnet34"] = "resnet18"
     pose_width: int = 64
     pose_rot_scale: float = 0.01  # output scale of axis-angle rotation
     pose_trans_scale: float = 1.0  # output scale of translation (0.01 collapsed disparity, see README)
     # initial forward motion per frame of the pose net (scale-free prior, pairs with init_disp;
     # 0: start from no motion as Monodepth2 does)
-    pose_init_forward: float = 1.0
+    pose_init_forward: float = 0.0
     multitask: bool = False  # depth and segmentation decoders side by side, exchanging features
     exchange_level: int = 2  # decoder block after which features are exchanged
 

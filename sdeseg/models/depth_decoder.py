@@ -13,7 +13,6 @@ class, so the body's ``state_dict`` transfers from the SDE model unchanged.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Sequence
 
 import torch
