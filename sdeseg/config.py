@@ -114,6 +114,7 @@ class ModelConfig:
     aspp: bool = False  # ASPP as the first decoder block (as in the paper's code)
     decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     num_classes: int = 19
+    seg_head_channels: int = 64  # 3x3 conv of the segmentation head at input resolution
     # initial output of the sigmoid disparity heads; 0.01 is ~10 m with the default 0.1-100 m
     # depth range (None: sigmoid(0) = 0.5, ~0.2 m, from which the disparity can collapse)
     init_disp: float | None = None
@@ -133,6 +134,7 @@ class ModelConfig:
         _check(len(self.decoder_channels) == 5, "model.decoder_channels", "needs 5 entries (one per scale)")
         _check(all(c > 0 for c in self.decoder_channels), "model.decoder_channels", "must be positive")
         _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
+        _check(self.seg_head_channels >= 1, "model.seg_head_channels", "must be >= 1")
         _check(0 <= self.exchange_level <= 4, "model.exchange_level", "must be in [0, 4]")
         _check(self.init_disp is None or 0 < self.init_disp < 1, "model.init_disp", "must be in (0, 1)")
         if self.pretrained is not None and self.width != 64:

@@ -16,7 +16,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, report, summary.json)")
     p.add_argument("--data", default=None, help="synthetic shard directory (default <out>/data/synthetic)")
-    p.add_argument("--num-train", type=int, default=1000, help="synthetic training triplets to generate")
+    p.add_argument("--num-train", type=int, default=600, help="synthetic training triplets to generate")
     p.add_argument("--num-val", type=int, default=100, help="synthetic validation samples to generate")
     p.add_argument("--sde-steps", type=int, default=None, help="override the SDE stage's steps")
     p.add_argument("--seg-steps", type=int, default=None, help="override the semi-supervised stage's steps")

@@ -103,6 +103,7 @@ def build_seg_decoder(cfg: ModelConfig, encoder: ResNetEncoder) -> SegDecoder:
         cfg.decoder_channels,
         aspp=cfg.aspp,
         output_stride=encoder.output_stride,
+        head_channels=cfg.seg_head_channels,
     )
 
 
