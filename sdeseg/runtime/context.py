@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdeseg.config import Config
+from sdeseg.optim import assert_finite
 from sdeseg.runtime.checkpoint import LocalCheckpoints, load_engine_checkpoint, save_engine_checkpoint
 from sdeseg.runtime.engine import build_engine, engine_lrs
 from sdeseg.runtime.telemetry import MetricLogger, NullLogger
@@ -64,8 +65,23 @@ class StageContext:
         latest = self._local_ckpts.latest()
         return None if latest is None else load_engine_checkpoint(engine, latest, self.rank)
 
-    def lrs(self, engine) -> list[float]:
-        return engine_lrs(engine)
+    def due(self, step: int) -> tuple[bool, bool]:
+        """(validation due, checkpoint due) after optimizer step ``step``; both at the last step."""
+        t = self.cfg.train
+        last = step == t.steps
+        return (last or bool(t.val_every and step % t.val_every == 0),
+                last or bool(t.ckpt_every and step % t.ckpt_every == 0))
+
+    def log_progress(self, step: int, meter, engine) -> None:
+        """Every ``train.log_every`` steps: mean losses, throughput and learning rates; fail on NaN."""
+        t = self.cfg.train
+        if step % t.log_every and step != t.steps:
+            return
+        summary = meter.summary(self.world_size)
+        assert_finite(summary, step)
+        lrs = engine_lrs(engine)
+        self.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
+        meter.reset()
 
     # ------------------------------------------------------------------ reporting
 

@@ -23,7 +23,7 @@ from sdeseg.losses.depth import sde_loss
 from sdeseg.metrics import DepthMetric
 from sdeseg.models.depth_decoder import disp_to_depth
 from sdeseg.models.sde import build_sde_model
-from sdeseg.optim import assert_finite, param_groups
+from sdeseg.optim import param_groups
 from sdeseg.runtime.checkpoint import rng_state, set_rng_state
 from sdeseg.runtime.context import StageContext, StageResult
 from sdeseg.runtime.telemetry import StepMeter
@@ -128,14 +128,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         steps_run += 1
         ctx.maybe_inject_fault(step)
 
-        if step % t.log_every == 0 or step == t.steps:
-            summary = meter.summary(ctx.world_size)
-            assert_finite(summary, step)
-            lrs = ctx.lrs(engine)
-            ctx.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
-            meter.reset()
-        val_due = step == t.steps or (t.val_every and step % t.val_every == 0)
-        ckpt_due = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0)
+        ctx.log_progress(step, meter, engine)
+        val_due, ckpt_due = ctx.due(step)
         if val_due:
             val = validate(engine.module, cfg, ctx)
             val["time/elapsed_s"] = time.perf_counter() - start
