@@ -217,23 +217,15 @@ class SceneBuilder:
             caster=True,
         )
         radius = rng.uniform(0.3, 0.34)
-        for az in (-0.34 * length, 0.33 * length):
-            self.part(
-                CYLINDER,
-                o,
-                heading,
-                (0, radius, az),
-                (radius, width / 2 + 0.015, radius),
-                cls,
-                st.tyre,
-                rot=AXLE,
-                pattern=M.WHEEL,
-                wavelength=0.5,
-                amp=0.05,
-                params=(radius,),
-                velocity=velocity,
-            )
+        self.wheels(o, heading, cls, radius, width / 2 + 0.015, (-0.34 * length, 0.33 * length), velocity)
         return length
+
+    def wheels(self, o, heading, cls, radius, half_width, positions, velocity, wavelength=0.5):
+        """Tyres: one cylinder on a transverse axle at each position along the vehicle's length."""
+        for az in positions:
+            self.part(CYLINDER, o, heading, (0, radius, az), (radius, half_width, radius), cls, self.style.tyre,
+                      rot=AXLE, pattern=M.WHEEL, wavelength=wavelength, amp=0.05, params=(radius,),
+                      velocity=velocity)
 
     def truck(self, x, z, heading, velocity=(0, 0, 0)):
         """A box truck: cab, cargo box and three axles."""
@@ -276,22 +268,8 @@ class SceneBuilder:
             caster=True,
         )
         radius = 0.5
-        for az in (zf - cab_l / 2, -length / 2 + 1.6, -length / 2 + 2.8):
-            self.part(
-                CYLINDER,
-                o,
-                heading,
-                (0, radius, az),
-                (radius, width / 2 + 0.02, radius),
-                TRUCK,
-                st.tyre,
-                rot=AXLE,
-                pattern=M.WHEEL,
-                wavelength=0.5,
-                amp=0.05,
-                params=(radius,),
-                velocity=velocity,
-            )
+        axles = (zf - cab_l / 2, -length / 2 + 1.6, -length / 2 + 2.8)
+        self.wheels(o, heading, TRUCK, radius, width / 2 + 0.02, axles, velocity)
         return length
 
     def bus(self, x, z, heading, velocity=(0, 0, 0), tram=False):
@@ -321,22 +299,7 @@ class SceneBuilder:
         )
         if not tram:
             radius = 0.5
-            for az in (length / 2 - 2.6, -length / 2 + 3.2):
-                self.part(
-                    CYLINDER,
-                    o,
-                    heading,
-                    (0, radius, az),
-                    (radius, width / 2 + 0.02, radius),
-                    cls,
-                    st.tyre,
-                    rot=AXLE,
-                    pattern=M.WHEEL,
-                    wavelength=0.5,
-                    amp=0.05,
-                    params=(radius,),
-                    velocity=velocity,
-                )
+            self.wheels(o, heading, cls, radius, width / 2 + 0.02, (length / 2 - 2.6, -length / 2 + 3.2), velocity)
         return length
 
     def person(self, x, z, heading, velocity=(0, 0, 0), cls=PERSON, seated=False, y0=0.0):
@@ -399,22 +362,7 @@ class SceneBuilder:
         frame = self.color(st.car_paint + st.clothes, 0.05)
         kw = dict(velocity=velocity)
         radius = 0.34
-        for az in (-0.52, 0.52):
-            self.part(
-                CYLINDER,
-                o,
-                heading,
-                (0, radius, az),
-                (radius, 0.03, radius),
-                BICYCLE,
-                st.tyre,
-                rot=AXLE,
-                pattern=M.WHEEL,
-                wavelength=0.3,
-                amp=0.05,
-                params=(radius,),
-                **kw,
-            )
+        self.wheels(o, heading, BICYCLE, radius, 0.03, (-0.52, 0.52), kw["velocity"], wavelength=0.3)
         self.part(BOX, o, heading, (0, 0.62, 0.0), (0.03, 0.2, 0.42), BICYCLE, frame, wavelength=0.3, amp=0.05, **kw)
         self.part(BOX, o, heading, (0, 1.0, 0.45), (0.3, 0.025, 0.025), BICYCLE, st.pole[1], **kw)
         if rider:
@@ -426,22 +374,7 @@ class SceneBuilder:
         o = (x, 0.0, z)
         paint = self.color(st.car_paint, 0.05)
         radius = 0.31
-        for az in (-0.72, 0.72):
-            self.part(
-                CYLINDER,
-                o,
-                heading,
-                (0, radius, az),
-                (radius, 0.07, radius),
-                MOTORCYCLE,
-                st.tyre,
-                rot=AXLE,
-                pattern=M.WHEEL,
-                wavelength=0.3,
-                amp=0.05,
-                params=(radius,),
-                velocity=velocity,
-            )
+        self.wheels(o, heading, MOTORCYCLE, radius, 0.07, (-0.72, 0.72), velocity, wavelength=0.3)
         self.part(
             BOX,
             o,
