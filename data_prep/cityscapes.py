@@ -38,6 +38,7 @@ from data_prep.shards import (
     label_ids_of,
     parse_size,
     parse_splits,
+    read_bytes,
     read_image,
     resize_label,
     resize_rgb,
@@ -200,13 +201,7 @@ def read_camera(fs, root: str, rel: str | None) -> np.ndarray:
     """3x3 K in pixels of the original images from a Cityscapes camera JSON."""
     if rel is None:
         raise SkipSample(f"no {CAMERA_DIR}/ file for this sequence (needed for the intrinsics)")
-    try:
-        with fs.open(join(root, rel), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise SkipSample(f"missing camera json {rel}") from None
-    except OSError as e:
-        raise SkipSample(f"cannot read camera json {rel} ({e})") from e
+    data = read_bytes(fs, root, rel, "camera json")
     try:
         intr = json.loads(data)["intrinsic"]
         return intrinsics_matrix(float(intr["fx"]), float(intr["fy"]), float(intr["u0"]), float(intr["v0"]))

@@ -573,15 +573,20 @@ def parse_splits(text: str) -> tuple[str, ...]:
     return splits
 
 
-def read_image(fs, root: str, rel: str, what: str) -> Image.Image:
-    """Open and fully decode ``root/rel``; every failure becomes a SkipSample naming the file."""
+def read_bytes(fs, root: str, rel: str, what: str) -> bytes:
+    """The bytes of ``root/rel``; a missing or unreadable file becomes a SkipSample naming it."""
     try:
         with fs.open(join(root, rel), "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise SkipSample(f"missing {what} {rel}") from None
     except OSError as e:
         raise SkipSample(f"cannot read {what} {rel} ({e})") from e
+
+
+def read_image(fs, root: str, rel: str, what: str) -> Image.Image:
+    """Open and fully decode ``root/rel``; every failure becomes a SkipSample naming the file."""
+    data = read_bytes(fs, root, rel, what)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # decoding errors of truncated files surface here, not in open()
