@@ -39,62 +39,54 @@ def _val_batch(data_root: Path, cfg: Config, n: int):
     return next(iter(loader))
 
 
-def fig_inputs(batch, path: Path) -> None:
+def _image_grid(rows: list[list[tuple]], path: Path) -> None:
+    """Save a grid of image panels; each panel is (array, title) or (array, title, imshow kwargs)."""
     plt = _plt()
-    rows = min(2, len(batch))
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        for c, (fid, name) in enumerate(((-1, "frame t-1"), (0, "frame t"), (1, "frame t+1"))):
-            axes[r, c].imshow(_img(batch.images[fid][r]))
-            axes[r, c].set_title(name, fontsize=8)
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 1.6 * len(rows) + 0.4), squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (im, title, *kw) in enumerate(panels):
+            if im is not None:
+                axes[r, c].imshow(im, **(kw[0] if kw else {"cmap": "gray" if im.ndim == 2 else None}))
+            axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _labels(label: torch.Tensor) -> np.ndarray:
+    return colorize(label.numpy().astype(np.uint8))
+
+
+def fig_inputs(batch, path: Path) -> None:
+    names = ((-1, "frame t-1"), (0, "frame t"), (1, "frame t+1"))
+    _image_grid([[(_img(batch.images[f][r]), name) for f, name in names] for r in range(min(2, len(batch)))], path)
 
 
 @torch.no_grad()
 def fig_depth(batch, depth_model, depth_range, path: Path) -> None:
     from sdeseg.models.depth_decoder import disp_to_depth
 
-    plt = _plt()
-    disp = depth_model(batch.images[0])[("disp", 0)]
-    pred = disp_to_depth(disp, *depth_range)[1][:, 0]
-    rows = min(3, len(batch))
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
-    for r in range(rows):
+    pred = disp_to_depth(depth_model(batch.images[0])[("disp", 0)], *depth_range)[1][:, 0]
+    rows = []
+    for r in range(min(3, len(batch))):
         gt = batch.depth[r, 0] if batch.depth is not None else torch.zeros_like(pred[r])
         valid = gt > 0
         scale = (gt[valid].median() / pred[r][valid].median()) if valid.any() else 1.0
-        vmax = float(gt[valid].quantile(0.95)) if valid.any() else float(pred[r].max())
-        axes[r, 0].imshow(_img(batch.images[0][r]))
-        axes[r, 1].imshow(gt.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
-        axes[r, 2].imshow((pred[r] * scale).numpy(), cmap="magma_r", vmin=0, vmax=vmax)
-        for c, name in enumerate(("image", "ground-truth depth", "predicted depth (median-scaled)")):
-            axes[r, c].set_title(name, fontsize=8)
-            axes[r, c].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        style = {"cmap": "magma_r", "vmin": 0,
+                 "vmax": float(gt[valid].quantile(0.95)) if valid.any() else float(pred[r].max())}
+        rows.append([(_img(batch.images[0][r]), "image"), (gt.numpy(), "ground-truth depth", style),
+                     ((pred[r] * scale).numpy(), "predicted depth (median-scaled)", style)])
+    _image_grid(rows, path)
 
 
 @torch.no_grad()
 def fig_segmentation(batch, seg_model, path: Path) -> None:
-    plt = _plt()
     pred = seg_model(batch.images[0])[("seg", 0)].argmax(1)
-    rows = min(3, len(batch))
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        axes[r, 0].imshow(_img(batch.images[0][r]))
-        if batch.label is not None:
-            axes[r, 1].imshow(colorize(batch.label[r].numpy().astype(np.uint8)))
-        axes[r, 2].imshow(colorize(pred[r].numpy().astype(np.uint8)))
-        for c, name in enumerate(("image", "ground truth", "prediction")):
-            axes[r, c].set_title(name, fontsize=8)
-            axes[r, c].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _image_grid([[(_img(batch.images[0][r]), "image"),
+                  (_labels(batch.label[r]) if batch.label is not None else None, "ground truth"),
+                  (_labels(pred[r]), "prediction")] for r in range(min(3, len(batch)))], path)
 
 
 @torch.no_grad()
@@ -103,25 +95,14 @@ def fig_depthmix(batch, depth_model, depth_range, seg_model, path: Path) -> None
     from sdeseg.models.depth_decoder import disp_to_depth
     from sdeseg.ops import depth_mix
 
-    plt = _plt()
     images = batch.images[0]
     depth = disp_to_depth(depth_model(images)[("disp", 0)], *depth_range)[1]
     pseudo = seg_model(images)[("seg", 0)].argmax(1)
     mask, (mixed_img, mixed_lab) = depth_mix(depth, images, pseudo)
-    rows = min(2, len(batch))
-    fig, axes = plt.subplots(rows, 5, figsize=(14, 1.6 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        j = (r + 1) % len(batch)
-        panels = [(_img(images[r]), "image A"), (_img(images[j]), "image B"),
-                  (mask[r, 0].float().numpy(), "mask: A closer"), (_img(mixed_img[r]), "mixed image"),
-                  (colorize(mixed_lab[r].numpy().astype(np.uint8)), "mixed pseudo-label")]
-        for c, (im, name) in enumerate(panels):
-            axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None)
-            axes[r, c].set_title(name, fontsize=8)
-            axes[r, c].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rows = [[(_img(images[r]), "image A"), (_img(images[(r + 1) % len(batch)]), "image B"),
+             (mask[r, 0].float().numpy(), "mask: A closer"), (_img(mixed_img[r]), "mixed image"),
+             (_labels(mixed_lab[r]), "mixed pseudo-label")] for r in range(min(2, len(batch)))]
+    _image_grid(rows, path)
 
 
 def fig_curves(runs: Path, path: Path) -> None:
