@@ -149,7 +149,16 @@ class DepthLossConfig:
     smoothness: float = 1e-3  # edge-aware smoothness weight (divided by 2^scale)
     min_depth: float = 0.1
     max_depth: float = 100.0
-    num_scales: int = 4  # disparity scales, each upsampled to input resolution
+    num_scales: int = 4  # disparity scales
+    # "full": each disparity is upsampled and judged at input resolution (Monodepth2);
+    # "pyramid": judged at its own resolution against downsampled frames (Monodepth v1):
+    # coarse scales see ego-motion of a few pixels as a fraction of one, which widens the
+    # basin the pose net has to find, and the loss costs ~1/3 of "full".
+    scale_mode: Literal["full", "pyramid"] = "full"
+    # how the sigmoid output s maps to depth: "inverse" = disparity linear in s between
+    # 1/max_depth and 1/min_depth (Monodepth2); "log" = log-depth linear in s, which spans
+    # street-scene depth ratios (2-80 m) in the sigmoid's linear range instead of its tail
+    disp_mapping: Literal["inverse", "log"] = "inverse"
     automask: bool = True  # identity-reprojection auto-masking of static pixels
     feature_distance: float = 0.0  # ImageNet feature-distance weight (needs model.pretrained)
     weight: float = 1.0  # weight of the whole depth loss in multi-task training

@@ -30,8 +30,16 @@ def export_model_config(payload: dict) -> ModelConfig:
     return _build(ModelConfig, dict(payload["model_config"]), "model")
 
 
+def export_depth_range(payload: dict) -> tuple[float, float, str]:
+    """``(min_depth, max_depth, disp_mapping)`` of an SDE export: the arguments that
+    :func:`sdeseg.models.disp_to_depth` needs after the disparity (exports written before
+    the mapping was configurable hold two numbers and used the "inverse" mapping)."""
+    depth_range = tuple(payload["depth_range"])
+    return (*depth_range, "inverse") if len(depth_range) == 2 else depth_range
+
+
 def load_depth_model(path: str | Path):
-    """(DepthModel in eval mode, (min_depth, max_depth)) from an SDE export."""
+    """(DepthModel in eval mode, :func:`export_depth_range`) from an SDE export."""
     from sdeseg.models.sde import build_depth_model
 
     payload = read_export(path, "sde")
@@ -39,7 +47,7 @@ def load_depth_model(path: str | Path):
     cfg.pretrained = None  # the export already holds trained weights
     model = build_depth_model(cfg)
     model.load_state_dict(payload["depth"], strict=True)
-    return model.eval(), tuple(payload["depth_range"])
+    return model.eval(), export_depth_range(payload)
 
 
 def load_seg_model(path: str | Path):

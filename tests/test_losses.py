@@ -49,15 +49,19 @@ def plane_outputs(T, depth: float, cfg: DepthLossConfig, batch: int = 2, require
     for s in range(cfg.num_scales):
         disp = torch.full(
             (batch, 1, H >> s, W >> s),
-            float(depth_to_disp(torch.tensor(depth), cfg.min_depth, cfg.max_depth)),
+            float(depth_to_disp(torch.tensor(depth), cfg.min_depth, cfg.max_depth, cfg.disp_mapping)),
         )
         out[("disp", s)] = disp.requires_grad_(requires_grad)
     return out
 
 
 @pytest.mark.parametrize("automask", [True, False])
-def test_sde_loss_vanishes_for_true_depth_and_pose(automask):
-    cfg = DepthLossConfig(automask=automask)
+@pytest.mark.parametrize("scale_mode", ["full", "pyramid"])
+@pytest.mark.parametrize("disp_mapping", ["inverse", "log"])
+def test_sde_loss_vanishes_for_true_depth_and_pose(automask, scale_mode, disp_mapping):
+    # pyramid: 2 scales, since at 8x16 and 4x8 pixels the image border dominates any error
+    num_scales = 2 if scale_mode == "pyramid" else 4
+    cfg = DepthLossConfig(automask=automask, scale_mode=scale_mode, disp_mapping=disp_mapping, num_scales=num_scales)
     images, K, T = plane_scene()
     losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg)
     assert set(losses) == {"depth/photo", "depth/smooth", "depth/total"}
@@ -67,6 +71,16 @@ def test_sde_loss_vanishes_for_true_depth_and_pose(automask):
     # twice the depth halves the predicted motion: a clearly worse fit
     wrong = sde_loss(images, plane_outputs(T, 2 * Z, cfg), K, None, cfg)
     assert wrong["depth/photo"] > 0.02
+
+
+def test_pyramid_intrinsics_match_the_resize_convention():
+    from data_prep.shards import scale_intrinsics
+    from sdeseg.losses.depth import _scale_K
+
+    K = torch.tensor([[[200.0, 0.0, 95.3], [0.0, 190.0, 47.1], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    for size in [(48, 96), (24, 48), (12, 24)]:
+        expected = torch.from_numpy(scale_intrinsics(K[0].numpy(), (96, 192), size))
+        assert torch.allclose(_scale_K(K, (96, 192), size)[0], expected)
 
 
 def test_sde_loss_is_differentiable():
@@ -88,15 +102,18 @@ def test_sde_loss_is_differentiable():
     assert extras[("automask", 3)].shape == (2, 1, H, W)
 
 
-def test_automask_masks_static_pixels():
-    cfg = DepthLossConfig()
+@pytest.mark.parametrize("scale_mode", ["full", "pyramid"])
+def test_automask_masks_static_pixels(scale_mode):
+    cfg = DepthLossConfig(scale_mode=scale_mode)
     images, K, T = plane_scene(static=True)  # frames identical, yet the "pose" says motion
     extras: dict = {}
     losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg, extras=extras)
     for s in range(cfg.num_scales):
         assert extras[("automask", s)].sum() == 0  # identity wins everywhere: all masked
     assert losses["depth/photo"].abs() < 1e-4  # only the tie-breaking noise remains
-    unmasked = sde_loss(images, plane_outputs(T, Z, cfg), K, None, DepthLossConfig(automask=False))
+    unmasked = sde_loss(
+        images, plane_outputs(T, Z, cfg), K, None, DepthLossConfig(automask=False, scale_mode=scale_mode)
+    )
     assert unmasked["depth/photo"] > 0.02
 
 

@@ -193,6 +193,17 @@ def test_disp_to_depth_range_and_inverse():
     assert torch.allclose(depth_to_disp(depth, 0.1, 100.0), disp, atol=1e-6)
 
 
+def test_disp_to_depth_log_mapping_is_geometric():
+    disp = torch.tensor([0.0, 0.5, 1.0])
+    scaled, depth = disp_to_depth(disp, 0.1, 100.0, "log")
+    # ends at the range limits, the middle at their geometric mean (sqrt(0.1 * 100))
+    assert torch.allclose(depth, torch.tensor([100.0, 10.0**0.5, 0.1]), rtol=1e-5)
+    assert torch.allclose(scaled, 1 / depth)
+    assert torch.allclose(depth_to_disp(depth, 0.1, 100.0, "log"), disp, atol=1e-6)
+    with pytest.raises(ValueError, match="mapping"):
+        disp_to_depth(disp, 0.1, 100.0, "linear")
+
+
 # ----------------------------------------------------------------------------- pose convention
 
 

@@ -57,3 +57,10 @@ def test_unknown_labeled_keys_are_listed(synthetic_root, sde_export, tmp_path):
 def test_class_count_mismatch_is_a_config_error(synthetic_root, sde_export, tmp_path):
     with pytest.raises(ConfigError, match="num_classes"):
         run_in_process(_seg(synthetic_root, sde_export, "train.steps=1", "model.num_classes=5"), tmp_path / "r")
+
+
+def test_multitask_depth_mapping_must_match_the_export(synthetic_root, sde_export, tmp_path):
+    # demo_sde trains with the log mapping; reading its disparity heads as inverse depth is refused
+    with pytest.raises(ConfigError, match="disp_mapping"):
+        run_in_process(_seg(synthetic_root, sde_export, "train.steps=1", "model.multitask=true",
+                            "depth_loss.disp_mapping=inverse"), tmp_path / "r")

@@ -1,8 +1,9 @@
 """Monodepth2-style self-supervised depth loss.
 
-For each disparity scale s (upsampled to the input resolution, so every scale is
-judged against the full-resolution image), each neighbour frame f is warped into
-frame 0 with the predicted depth and pose and compared photometrically; the loss
+For each disparity scale s, each neighbour frame f is warped into frame 0 with the
+predicted depth and pose and compared photometrically: at the input resolution with
+the disparity upsampled (``scale_mode="full"``, Monodepth2), or at the scale's own
+resolution against downsampled frames (``"pyramid"``, Monodepth v1); the loss
 takes the per-pixel minimum over neighbours (occlusions: a pixel hidden in one
 neighbour is usually visible in the other). Auto-masking adds the error of the
 *unwarped* neighbours to that minimum: where doing nothing explains frame 0 better
@@ -96,34 +97,28 @@ def sde_loss(
     target = images[0]
     h, w = target.shape[-2:]
     alpha = cfg.ssim_weight
-
-    identity = None
-    if cfg.automask:
-        identity = torch.cat([photometric_error(images[f], target, alpha=alpha) for f in frame_ids], 1)
-        # drawn where the generator lives (a CPU generator also serves CUDA tensors)
-        gen_device = generator.device if generator is not None else identity.device
-        noise = torch.randn(identity.shape, generator=generator, device=gen_device, dtype=identity.dtype)
-        identity = identity + noise.to(identity.device) * IDENTITY_NOISE
+    pyramid = cfg.scale_mode == "pyramid"
+    frames, scale_K = {f: images[f] for f in (0, *frame_ids)}, K
+    identity = _identity_error(frames, frame_ids, alpha, generator) if cfg.automask and not pyramid else None
 
     photo_terms, smooth_terms = [], []
     for s in range(cfg.num_scales):
         disp = outputs[("disp", s)]
-        disp_full = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
-        _, depth = disp_to_depth(disp_full, cfg.min_depth, cfg.max_depth)
-        warped = {f: inverse_warp(images[f], depth, outputs[("T", f)], K) for f in frame_ids}
-        reproj = torch.cat([photometric_error(warped[f], target, alpha=alpha) for f in frame_ids], 1)
+        size = tuple(disp.shape[-2:])
+        if pyramid:  # compare at the disparity's own resolution
+            frames = {f: _resize(images[f], size) for f in (0, *frame_ids)}
+            scale_K = _scale_K(K, (h, w), size)
+            identity = _identity_error(frames, frame_ids, alpha, generator) if cfg.automask else None
+            disp_cmp = disp
+        else:  # Monodepth2: upsample the disparity to the input resolution
+            disp_cmp = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
+        _, depth = disp_to_depth(disp_cmp, cfg.min_depth, cfg.max_depth, cfg.disp_mapping)
+        warped = {f: inverse_warp(frames[f], depth, outputs[("T", f)], scale_K) for f in frame_ids}
+        reproj = torch.cat([photometric_error(warped[f], frames[0], alpha=alpha) for f in frame_ids], 1)
         combined = reproj if identity is None else torch.cat([identity, reproj], 1)
         best, idx = combined.min(1, keepdim=True)
         photo_terms.append(best.mean())
-
-        small = (
-            target
-            if disp.shape[-2:] == target.shape[-2:]
-            else F.interpolate(
-                target, size=disp.shape[-2:], mode="bilinear", align_corners=False, antialias=True
-            )
-        )
-        smooth_terms.append(cfg.smoothness / 2**s * edge_aware_smoothness(disp, small))
+        smooth_terms.append(cfg.smoothness / 2**s * edge_aware_smoothness(disp, _resize(target, size)))
 
         if extras is not None:
             for f in frame_ids:
@@ -141,6 +136,33 @@ def sde_loss(
         )
     losses["depth/total"] = sum(losses.values())
     return losses
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased downsampling of an image to ``size`` (a no-op at its own size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _scale_K(K: torch.Tensor, src_hw, dst_hw) -> torch.Tensor:
+    """Intrinsics of a resized image (integer pixel coordinates = pixel centres, as
+    ``inverse_warp``; a resize maps centres as ``u' = (u + 0.5) * s - 0.5``)."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return K
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    scale = K.new_tensor([[sx, sx, sx], [sy, sy, sy], [0.0, 0.0, 1.0]])
+    shift = K.new_tensor([[0.0, 0.0, 0.5 * sx - 0.5], [0.0, 0.0, 0.5 * sy - 0.5], [0.0, 0.0, 0.0]])
+    return K * scale + shift
+
+
+def _identity_error(frames: dict[int, torch.Tensor], frame_ids, alpha: float, generator) -> torch.Tensor:
+    """Photometric error of the unwarped neighbours (auto-masking), with tie-breaking noise."""
+    identity = torch.cat([photometric_error(frames[f], frames[0], alpha=alpha) for f in frame_ids], 1)
+    # drawn where the generator lives (a CPU generator also serves CUDA tensors)
+    gen_device = generator.device if generator is not None else identity.device
+    noise = torch.randn(identity.shape, generator=generator, device=gen_device, dtype=identity.dtype)
+    return identity + noise.to(identity.device) * IDENTITY_NOISE
 
 
 def feature_distance(

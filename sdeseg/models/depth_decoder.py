@@ -153,21 +153,34 @@ class DepthDecoder(nn.Module):
 
 
 def disp_to_depth(
-    disp: torch.Tensor, min_depth: float, max_depth: float
+    disp: torch.Tensor, min_depth: float, max_depth: float, mapping: str = "inverse"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map sigmoid output to depth in [min_depth, max_depth] (Monodepth2).
+    """Map sigmoid output to depth in [min_depth, max_depth].
 
-    The sigmoid is read as an inverse depth between 1/max_depth and 1/min_depth.
+    ``mapping="inverse"`` (Monodepth2) reads the sigmoid as an inverse depth between
+    1/max_depth and 1/min_depth; ``"log"`` reads it as a log-depth between
+    log(max_depth) (s = 0) and log(min_depth) (s = 1). Both are near for s -> 1.
 
     Returns:
-        (scaled_disp, depth), both shaped like ``disp``.
+        (scaled_disp, depth), both shaped like ``disp``; scaled_disp = 1 / depth.
     """
-    min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
-    scaled = min_disp + (max_disp - min_disp) * disp
-    return scaled, 1.0 / scaled
+    if mapping == "inverse":
+        min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
+        scaled = min_disp + (max_disp - min_disp) * disp
+        return scaled, 1.0 / scaled
+    if mapping == "log":
+        log_max = math.log(max_depth)
+        depth = torch.exp(log_max - (log_max - math.log(min_depth)) * disp)
+        return 1.0 / depth, depth
+    raise ValueError(f"disp_to_depth: mapping must be 'inverse' or 'log', got {mapping!r}")
 
 
-def depth_to_disp(depth: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
+def depth_to_disp(depth: torch.Tensor, min_depth: float, max_depth: float, mapping: str = "inverse") -> torch.Tensor:
     """Inverse of :func:`disp_to_depth`: the sigmoid output that gives ``depth``."""
-    min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
-    return (1.0 / depth - min_disp) / (max_disp - min_disp)
+    if mapping == "inverse":
+        min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
+        return (1.0 / depth - min_disp) / (max_disp - min_disp)
+    if mapping == "log":
+        log_max = math.log(max_depth)
+        return (log_max - torch.log(depth)) / (log_max - math.log(min_depth))
+    raise ValueError(f"depth_to_disp: mapping must be 'inverse' or 'log', got {mapping!r}")

@@ -45,7 +45,8 @@ def train_step(engine, batch, cfg: Config) -> dict[str, torch.Tensor]:
 def predict_depth(model, image: torch.Tensor, cfg: Config) -> torch.Tensor:
     """(B,3,H,W) image in [0,1] -> (B,1,H,W) depth (scale-ambiguous, from the finest disparity)."""
     disp = model.depth(image)[("disp", 0)]
-    return disp_to_depth(disp, cfg.depth_loss.min_depth, cfg.depth_loss.max_depth)[1]
+    dl = cfg.depth_loss
+    return disp_to_depth(disp, dl.min_depth, dl.max_depth, dl.disp_mapping)[1]
 
 
 @torch.no_grad()
@@ -82,7 +83,7 @@ def export_payload(model, cfg: Config, step: int, metrics: dict) -> dict:
         "kind": "sde",
         "depth": {k: v.detach().cpu() for k, v in model.depth.state_dict().items()},
         "model_config": cfg.to_dict()["model"],
-        "depth_range": [cfg.depth_loss.min_depth, cfg.depth_loss.max_depth],
+        "depth_range": [cfg.depth_loss.min_depth, cfg.depth_loss.max_depth, cfg.depth_loss.disp_mapping],
         "step": step,
         "metrics": {k: float(v) for k, v in metrics.items()},
     }

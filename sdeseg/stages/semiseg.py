@@ -21,7 +21,7 @@ from sdeseg.config import Config, ConfigError
 from sdeseg.data.classes import class_names
 from sdeseg.data.labeled import labeled_keys_for
 from sdeseg.data.reader import LabeledPool, ShardStream, ValLoader
-from sdeseg.exports import load_depth_model, read_export
+from sdeseg.exports import export_depth_range, load_depth_model, read_export
 from sdeseg.losses.depth import sde_loss
 from sdeseg.losses.seg import pseudo_label_seg_loss, supervised_seg_loss
 from sdeseg.metrics import SegmentationMetric
@@ -59,7 +59,8 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
             disp = depth_net(images)[("disp", 0)]
             depth = disp_to_depth(disp, *depth_net.depth_range)[1]
         else:  # the multi-task teacher already predicted depth for the pool
-            depth = disp_to_depth(t_out[("disp", 0)], cfg.depth_loss.min_depth, cfg.depth_loss.max_depth)[1]
+            dl = cfg.depth_loss
+            depth = disp_to_depth(t_out[("disp", 0)], dl.min_depth, dl.max_depth, dl.disp_mapping)[1]
         mix = depth_mix_batch(images, depth, probs=probs, eps=s.mix_eps, generator=gen)
     elif s.mix == "classmix":
         mix = classmix_batch(images, probs, generator=gen)
@@ -144,7 +145,13 @@ def build_models(cfg: Config, ctx: StageContext):
         raise ConfigError("semiseg.sde_checkpoint: transfer / DepthMix with pseudo depth need an SDE export "
                           "(<sde run dir>/export/best.pt); set semiseg.transfer=false and semiseg.mix to use none")
     if s.transfer:
-        report = transfer_from_sde(model, read_export(s.sde_checkpoint, "sde")["depth"])
+        export = read_export(s.sde_checkpoint, "sde")
+        mapping = export_depth_range(export)[2]
+        if cfg.model.multitask and mapping != cfg.depth_loss.disp_mapping:
+            # the transferred disparity heads would be read with the wrong depth mapping
+            raise ConfigError(f"depth_loss.disp_mapping is {cfg.depth_loss.disp_mapping!r} but the SDE export "
+                              f"{s.sde_checkpoint} was trained with {mapping!r}; set depth_loss.disp_mapping={mapping}")
+        report = transfer_from_sde(model, export["depth"])
         ctx.log(0, {"transfer/loaded": len(report.loaded), "transfer/initialised": len(report.initialised)},
                 kind="event")
     if needs_pseudo_depth:
