@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--rows", nargs="*", default=None, help=f"subset of rows: {list(ROWS)}")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
-    run_grid(p.parse_args(argv))
+    args = p.parse_args(argv)
+    unknown = [r for r in args.rows or [] if r not in ROWS]
+    if unknown:  # also catches overrides swallowed by --rows (put them before it)
+        p.error(f"--rows: unknown row(s) {unknown}; rows are {list(ROWS)} "
+                "(dotted overrides go before --rows)")
+    run_grid(args)
     return 0
 
 
