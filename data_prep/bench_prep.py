@@ -136,7 +136,8 @@ def bench_layout(frames: int) -> dict:
     return {"train": {city: [(i, 19) for i in seqs] for city, seqs in cities.items()}}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model for benchmark headers (also used by bench_synthetic)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         size = f"{FULL_SIZE[0]}x{FULL_SIZE[1]}"
         print(f"fake tree: {args.frames} labeled triplets at {size}, {src_mb:.0f} MiB of PNG")
         load = os.getloadavg()[0]
-        print(f"machine: {os.cpu_count()} CPUs ({_cpu_name()}), load average {load:.2f} at start")
+        print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), load average {load:.2f} at start")
         rows = []
         for fmt in args.formats.split(","):
             for procs in (int(p) for p in args.procs.split(",")):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from data_prep.bench_prep import cpu_name
 from data_prep.synthetic import generate
 from sdeseg.data.classes import class_names
 from sdeseg.data.codec import decode_image
@@ -34,16 +34,6 @@ RUNS = [
     ((256, 512), None, 48),
     ((256, 512), 1, 24),
 ]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _cpu_seconds() -> float:
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="where to write the datasets (default: a temp dir)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
-    print(f"machine: {cores} cores, {_cpu_name()}; load average before: {os.getloadavg()}")
+    print(f"machine: {cores} cores, {cpu_name()}; load average before: {os.getloadavg()}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         default_root = None

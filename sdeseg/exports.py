@@ -38,11 +38,12 @@ def export_depth_range(payload: dict) -> tuple[float, float, str]:
     return (*depth_range, "inverse") if len(depth_range) == 2 else depth_range
 
 
-def load_depth_model(path: str | Path):
-    """(DepthModel in eval mode, :func:`export_depth_range`) from an SDE export."""
+def load_depth_model(export: str | Path | dict):
+    """(DepthModel in eval mode, :func:`export_depth_range`) from an SDE export's path, or from
+    its payload when the caller has already read it (:func:`read_export`)."""
     from sdeseg.models.sde import build_depth_model
 
-    payload = read_export(path, "sde")
+    payload = export if isinstance(export, dict) else read_export(export, "sde")
     cfg = export_model_config(payload)
     cfg.pretrained = None  # the export already holds trained weights
     model = build_depth_model(cfg)

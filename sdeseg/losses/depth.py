@@ -105,8 +105,9 @@ def sde_loss(
     for s in range(cfg.num_scales):
         disp = outputs[("disp", s)]
         size = tuple(disp.shape[-2:])
+        small = _resize(target, size)  # frame 0 at this scale: smoothness edges (and pyramid target)
         if pyramid:  # compare at the disparity's own resolution
-            frames = {f: _resize(images[f], size) for f in (0, *frame_ids)}
+            frames = {0: small, **{f: _resize(images[f], size) for f in frame_ids}}
             scale_K = _scale_K(K, (h, w), size)
             identity = _identity_error(frames, frame_ids, alpha, generator) if cfg.automask else None
             disp_cmp = disp
@@ -118,7 +119,7 @@ def sde_loss(
         combined = reproj if identity is None else torch.cat([identity, reproj], 1)
         best, idx = combined.min(1, keepdim=True)
         photo_terms.append(best.mean())
-        smooth_terms.append(cfg.smoothness / 2**s * edge_aware_smoothness(disp, _resize(target, size)))
+        smooth_terms.append(cfg.smoothness / 2**s * edge_aware_smoothness(disp, small))
 
         if extras is not None:
             for f in frame_ids:

@@ -144,8 +144,8 @@ def build_models(cfg: Config, ctx: StageContext):
     if (s.transfer or needs_pseudo_depth) and not s.sde_checkpoint:
         raise ConfigError("semiseg.sde_checkpoint: transfer / DepthMix with pseudo depth need an SDE export "
                           "(<sde run dir>/export/best.pt); set semiseg.transfer=false and semiseg.mix to use none")
+    export = read_export(s.sde_checkpoint, "sde") if s.transfer or needs_pseudo_depth else None
     if s.transfer:
-        export = read_export(s.sde_checkpoint, "sde")
         mapping = export_depth_range(export)[2]
         if cfg.model.multitask and mapping != cfg.depth_loss.disp_mapping:
             # the transferred disparity heads would be read with the wrong depth mapping
@@ -155,7 +155,7 @@ def build_models(cfg: Config, ctx: StageContext):
         ctx.log(0, {"transfer/loaded": len(report.loaded), "transfer/initialised": len(report.initialised)},
                 kind="event")
     if needs_pseudo_depth:
-        depth_net, depth_range = load_depth_model(s.sde_checkpoint)
+        depth_net, depth_range = load_depth_model(export)
         depth_net.requires_grad_(False)
         depth_net.depth_range = depth_range
         depth_net.to(ctx.device)
