@@ -181,6 +181,8 @@ class SemisegConfig:
     mix_labeled: bool = True  # labeled images join the mixing pool with their ground truth
     pseudo_label: bool = True  # False: supervised-only baseline
     pseudo_threshold: float = 0.968
+    # "fraction": CE on all pixels x the confident fraction (the paper); "pixel": CE on confident pixels only
+    pseudo_weighting: Literal["fraction", "pixel"] = "fraction"
     unsup_weight: float = 1.0
     aux_weight: float = 0.5  # auxiliary segmentation output of the multi-task model
     ema_alpha_max: float = 0.99

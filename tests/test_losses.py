@@ -180,6 +180,18 @@ def test_pseudo_label_weighting_by_hand():
     out = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, extras=extras)
     assert torch.allclose(out["seg/unsup"], 2 * expected) and extras["seg/confident"] == 0.5
 
+    # per-pixel weighting: only the two confident pixels count, divided by all 4 pixels
+    logits.grad = None
+    loss, q = pseudo_label_loss(logits, probs, threshold=0.968, weighting="pixel")
+    assert q.item() == 0.5 and torch.allclose(loss, (ce[0] + ce[1]) / 4)
+    loss.backward()
+    assert logits.grad[..., 1, 0].abs().sum() == 0  # the unconfident pixel teaches nothing
+    assert logits.grad[..., 0, 0].abs().sum() > 0
+    cfg = SemisegConfig(pseudo_weighting="pixel")
+    assert torch.allclose(pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)["seg/unsup"], loss)
+    with pytest.raises(ValueError, match="weighting"):
+        pseudo_label_loss(logits, probs, threshold=0.968, weighting="median")
+
 
 def test_supervised_losses():
     cfg = SemisegConfig(aux_weight=0.5)

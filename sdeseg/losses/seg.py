@@ -58,21 +58,29 @@ def supervised_seg_loss(
 
 
 def pseudo_label_loss(
-    logits: torch.Tensor, teacher_probs: torch.Tensor, threshold: float, ignore_index: int = 255
+    logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    threshold: float,
+    ignore_index: int = 255,
+    weighting: str = "fraction",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's argmax, weighted by the teacher's confidence.
 
-    As in the paper's code (after ClassMix): the pseudo-label is ``argmax`` of the
-    (mixed) teacher probabilities; the whole image term is weighted by the fraction
-    ``q`` of pixels whose maximum probability is >= ``threshold``; the per-pixel CE is
-    averaged over *all* pixels. Pixels whose probability vector is all zero (ignore
-    pixels of ground truth mixed in, see ``mixing.labels_to_probs``) get the ignore label
-    and count as unconfident.
+    The pseudo-label is ``argmax`` of the (mixed) teacher probabilities. With
+    ``weighting="fraction"`` (the paper's code, after ClassMix) the per-pixel CE is
+    averaged over *all* pixels and the whole term is weighted by the fraction ``q`` of
+    pixels whose maximum probability is >= ``threshold``. With ``"pixel"`` only the
+    confident pixels contribute (their CE summed, divided by the number of all pixels,
+    as in FixMatch): a teacher that has not yet learned a rare class then cannot teach
+    the student to call that class's pixels something else. Pixels whose probability
+    vector is all zero (ignore pixels of ground truth mixed in, see
+    ``mixing.labels_to_probs``) get the ignore label and count as unconfident.
 
     Args:
         logits: (B,C,H,W) student logits on the mixed image.
         teacher_probs: (B,C,H,W) mixed teacher probabilities (no gradient flows into them).
         threshold: confidence threshold (``semiseg.pseudo_threshold``).
+        weighting: ``"fraction"`` or ``"pixel"`` (``semiseg.pseudo_weighting``).
 
     Returns:
         (loss scalar, q scalar in [0, 1]).
@@ -80,8 +88,14 @@ def pseudo_label_loss(
     probs = teacher_probs.detach()
     max_probs, pseudo = probs.max(1)
     pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
-    q = (max_probs >= threshold).float().mean()
-    return q * pixel_cross_entropy(logits, pseudo, ignore_index).mean(), q
+    confident = max_probs >= threshold
+    q = confident.float().mean()
+    ce = pixel_cross_entropy(logits, pseudo, ignore_index)
+    if weighting == "pixel":
+        return (ce * confident).mean(), q
+    if weighting != "fraction":
+        raise ValueError(f"weighting must be 'fraction' or 'pixel', got {weighting!r}")
+    return q * ce.mean(), q
 
 
 def pseudo_label_seg_loss(
@@ -94,7 +108,9 @@ def pseudo_label_seg_loss(
 
     ``extras`` (if given) receives ``"seg/confident"``: the confident-pixel fraction q.
     """
-    loss, q = pseudo_label_loss(outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index)
+    loss, q = pseudo_label_loss(
+        outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index, cfg.pseudo_weighting
+    )
     if extras is not None:
         extras["seg/confident"] = q.detach()
     return {"seg/unsup": cfg.unsup_weight * loss}
