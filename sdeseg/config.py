@@ -184,6 +184,7 @@ class SemisegConfig:
     # "fraction": CE on all pixels x the confident fraction (the paper); "pixel": CE on confident pixels only
     pseudo_weighting: Literal["fraction", "pixel"] = "fraction"
     unsup_weight: float = 1.0
+    unsup_rampup_steps: int = 0  # sigmoid ramp-up of the pseudo-label loss over this many steps (0: none)
     aux_weight: float = 0.5  # auxiliary segmentation output of the multi-task model
     ema_alpha_max: float = 0.99
     blur: bool = True  # Gaussian blur on the mixed student input
@@ -195,6 +196,7 @@ class SemisegConfig:
         _check(0.0 <= self.pseudo_threshold <= 1.0, "semiseg.pseudo_threshold", "must be in [0, 1]")
         _check(0.0 <= self.ema_alpha_max < 1.0, "semiseg.ema_alpha_max", "must be in [0, 1)")
         _check(self.unsup_weight >= 0 and self.aux_weight >= 0, "semiseg", "loss weights must be >= 0")
+        _check(self.unsup_rampup_steps >= 0, "semiseg.unsup_rampup_steps", "must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdeseg.config import DepthLossConfig, SemisegConfig
+from sdeseg.config import ConfigError, DepthLossConfig, SemisegConfig
 from sdeseg.losses import (
     cross_entropy,
     edge_aware_smoothness,
@@ -16,6 +16,7 @@ from sdeseg.losses import (
     pseudo_label_seg_loss,
     sde_loss,
     supervised_seg_loss,
+    unsup_rampup,
 )
 from sdeseg.models import ResNetEncoder, depth_to_disp, transformation_from_parameters
 
@@ -191,6 +192,24 @@ def test_pseudo_label_weighting_by_hand():
     assert torch.allclose(pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)["seg/unsup"], loss)
     with pytest.raises(ValueError, match="weighting"):
         pseudo_label_loss(logits, probs, threshold=0.968, weighting="median")
+
+
+def test_unsup_rampup_by_hand():
+    assert unsup_rampup(0, 0) == 1.0 and unsup_rampup(5, 0) == 1.0  # no ramp: the paper
+    assert unsup_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert unsup_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    assert unsup_rampup(100, 100) == 1.0 and unsup_rampup(1000, 100) == 1.0
+    ramp = [unsup_rampup(s, 100) for s in range(101)]
+    assert all(a < b for a, b in zip(ramp[:100], ramp[1:]))  # strictly rising to 1
+    # the stage passes its step: the pseudo-label term is scaled by the ramp
+    probs = torch.softmax(torch.randn(1, 3, 4, 4) * 5, 1)
+    logits = torch.randn(1, 3, 4, 4)
+    cfg = SemisegConfig(unsup_rampup_steps=100, pseudo_threshold=0.5)
+    full = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)["seg/unsup"]
+    half = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, step=50)["seg/unsup"]
+    assert full > 0 and torch.allclose(half, full * math.exp(-1.25))
+    with pytest.raises(ConfigError, match="semiseg.unsup_rampup_steps"):
+        SemisegConfig(unsup_rampup_steps=-1)
 
 
 def test_supervised_losses():

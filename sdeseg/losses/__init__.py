@@ -8,6 +8,7 @@ from sdeseg.losses.seg import (
     pseudo_label_loss,
     pseudo_label_seg_loss,
     supervised_seg_loss,
+    unsup_rampup,
 )
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "pseudo_label_loss",
     "pseudo_label_seg_loss",
     "sde_loss",
+    "unsup_rampup",
     "supervised_seg_loss",
 ]

@@ -6,6 +6,8 @@ values of the dicts it gets.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -98,13 +100,28 @@ def pseudo_label_loss(
     return q * ce.mean(), q
 
 
+def unsup_rampup(step: int, rampup_steps: int) -> float:
+    """Weight of the pseudo-label loss at optimizer step ``step`` (0-based).
+
+    The mean-teacher sigmoid ramp ``exp(-5 (1 - t)^2)`` with ``t = step / rampup_steps``,
+    1 from ``rampup_steps`` on; ``rampup_steps <= 0`` means no ramp (always 1, the paper).
+    While the student still learns fast, its EMA teacher lags behind it; the ramp keeps
+    that teacher's pseudo-labels from holding the student back early.
+    """
+    if rampup_steps <= 0 or step >= rampup_steps:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - max(step, 0) / rampup_steps) ** 2)
+
+
 def pseudo_label_seg_loss(
     outputs: dict[tuple, torch.Tensor],
     teacher_probs: torch.Tensor,
     cfg: SemisegConfig,
     extras: dict | None = None,
+    step: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``seg/unsup`` = cfg.unsup_weight × :func:`pseudo_label_loss` on ``outputs[("seg", 0)]``.
+    """``seg/unsup`` = cfg.unsup_weight × :func:`unsup_rampup` × :func:`pseudo_label_loss` on
+    ``outputs[("seg", 0)]`` (no ramp when ``step`` is None).
 
     ``extras`` (if given) receives ``"seg/confident"``: the confident-pixel fraction q.
     """
@@ -113,4 +130,5 @@ def pseudo_label_seg_loss(
     )
     if extras is not None:
         extras["seg/confident"] = q.detach()
-    return {"seg/unsup": cfg.unsup_weight * loss}
+    ramp = 1.0 if step is None else unsup_rampup(step, cfg.unsup_rampup_steps)
+    return {"seg/unsup": cfg.unsup_weight * ramp * loss}

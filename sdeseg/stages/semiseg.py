@@ -81,7 +81,7 @@ def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Gener
     losses = supervised_seg_loss({k: out[k][:n_lab] for k in SEG_KEYS if k in out}, lb.label, s)
     extras: dict = {}
     if mix is not None:
-        losses.update(pseudo_label_seg_loss({("seg", 0): out[("seg", 0)][n_lab:]}, mix.probs, s, extras))
+        losses.update(pseudo_label_seg_loss({("seg", 0): out[("seg", 0)][n_lab:]}, mix.probs, s, extras, step))
     if cfg.model.multitask and ub is not None and -1 in ub.images:
         seq_out = engine(ub.images_aug)
         depth = sde_loss(ub.images, seq_out, ub.K, ub.inv_K, cfg.depth_loss)
