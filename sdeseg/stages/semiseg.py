@@ -76,12 +76,16 @@ def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Gener
     engine.train()
     mix = make_mixed_batch(teacher, depth_net, lb, ub, cfg, gen) if (ub is not None and s.pseudo_label) else None
     n_lab = lb.images_aug[0].shape[0]
-    inputs = lb.images_aug[0] if mix is None else torch.cat([lb.images_aug[0], mix.image])
-    out = engine(inputs)
+    if mix is not None and s.separate_passes:  # BatchNorm sees labeled and mixed images apart
+        out, mixed_logits = engine(lb.images_aug[0]), engine(mix.image)[("seg", 0)]
+    else:
+        inputs = lb.images_aug[0] if mix is None else torch.cat([lb.images_aug[0], mix.image])
+        out = engine(inputs)
+        mixed_logits = out[("seg", 0)][n_lab:]
     losses = supervised_seg_loss({k: out[k][:n_lab] for k in SEG_KEYS if k in out}, lb.label, s)
     extras: dict = {}
     if mix is not None:
-        losses.update(pseudo_label_seg_loss({("seg", 0): out[("seg", 0)][n_lab:]}, mix.probs, s, extras, step))
+        losses.update(pseudo_label_seg_loss({("seg", 0): mixed_logits}, mix.probs, s, extras, step))
     if cfg.model.multitask and ub is not None and -1 in ub.images:
         seq_out = engine(ub.images_aug)
         depth = sde_loss(ub.images, seq_out, ub.K, ub.inv_K, cfg.depth_loss)
