@@ -19,6 +19,6 @@ __all__ = [
     "pseudo_label_loss",
     "pseudo_label_seg_loss",
     "sde_loss",
-    "unsup_rampup",
     "supervised_seg_loss",
+    "unsup_rampup",
 ]

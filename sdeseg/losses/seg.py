@@ -73,10 +73,10 @@ def pseudo_label_loss(
     averaged over *all* pixels and the whole term is weighted by the fraction ``q`` of
     pixels whose maximum probability is >= ``threshold``. With ``"pixel"`` only the
     confident pixels contribute (their CE summed, divided by the number of all pixels,
-    as in FixMatch): a teacher that has not yet learned a rare class then cannot teach
-    the student to call that class's pixels something else. Pixels whose probability
-    vector is all zero (ignore pixels of ground truth mixed in, see
-    ``mixing.labels_to_probs``) get the ignore label and count as unconfident.
+    as in FixMatch), so the teacher's unconfident guesses teach nothing. (On the
+    synthetic demo data it did not beat the paper's weighting; see BENCHMARKS.md.)
+    Pixels whose probability vector is all zero (ignore pixels of ground truth mixed
+    in, see ``mixing.labels_to_probs``) get the ignore label and count as unconfident.
 
     Args:
         logits: (B,C,H,W) student logits on the mixed image.
@@ -105,8 +105,9 @@ def unsup_rampup(step: int, rampup_steps: int) -> float:
 
     The mean-teacher sigmoid ramp ``exp(-5 (1 - t)^2)`` with ``t = step / rampup_steps``,
     1 from ``rampup_steps`` on; ``rampup_steps <= 0`` means no ramp (always 1, the paper).
-    While the student still learns fast, its EMA teacher lags behind it; the ramp keeps
-    that teacher's pseudo-labels from holding the student back early.
+    While the student still learns fast its EMA teacher lags behind it, and the ramp
+    lowers that teacher's early influence. (On the synthetic demo data it did not close
+    DepthMix's gap to the supervised baseline; see BENCHMARKS.md.)
     """
     if rampup_steps <= 0 or step >= rampup_steps:
         return 1.0
