@@ -87,6 +87,8 @@ def pseudo_label_loss(
     Returns:
         (loss scalar, q scalar in [0, 1]).
     """
+    if weighting not in ("fraction", "pixel"):
+        raise ValueError(f"weighting must be 'fraction' or 'pixel', got {weighting!r}")
     probs = teacher_probs.detach()
     max_probs, pseudo = probs.max(1)
     pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
@@ -95,8 +97,6 @@ def pseudo_label_loss(
     ce = pixel_cross_entropy(logits, pseudo, ignore_index)
     if weighting == "pixel":
         return (ce * confident).mean(), q
-    if weighting != "fraction":
-        raise ValueError(f"weighting must be 'fraction' or 'pixel', got {weighting!r}")
     return q * ce.mean(), q
 
 
