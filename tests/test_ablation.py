@@ -27,3 +27,19 @@ def test_unknown_rows_are_refused_before_any_run(capsys):
         ablation.main(["--data", "d", "--sde-export", "e", "--rows", "supervised only", "train.steps=5"])
     err = capsys.readouterr().err
     assert "train.steps=5" in err and "+ DepthMix" in err
+
+
+def test_upper_bound_row_uses_every_label_of_the_split(synthetic_root):
+    from sdeseg.data.labeled import labeled_candidates, labeled_keys_for
+
+    args = argparse.Namespace(data=synthetic_root, sde_export="e.pt", steps=7, preset="demo_semiseg",
+                              overrides=["data.num_labeled=3"])
+    n_train = len(labeled_candidates(synthetic_root, "train"))
+    assert n_train == 24  # the fixture's training triplets, all labeled
+    upper = ablation.row_config(args, ablation.UPPER_BOUND, seed=1)
+    assert upper.data.num_labeled == n_train  # over the command line's 3
+    assert len(labeled_keys_for(upper.data)) == n_train
+    assert (upper.semiseg.pseudo_label, upper.semiseg.mix, upper.train.steps) == (False, "none", 7)
+    base = ablation.row_config(args, "supervised only", seed=1)
+    assert base.data.num_labeled == 3 and base.data.labeled_seed == 1
+    assert ablation.UPPER_BOUND not in ablation.DEFAULT_ROWS and len(ablation.DEFAULT_ROWS) == 6

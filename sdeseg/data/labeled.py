@@ -70,16 +70,21 @@ def labeled_keys_for(cfg: DataConfig) -> list[str]:
     return random_labeled_keys(cfg.root, cfg.train_split, cfg.num_labeled, cfg.labeled_seed, cfg.domain)
 
 
+def labeled_candidates(root: str, split: str, domain: str | None = None) -> list[str]:
+    """Every key of ``split`` (and ``domain``) whose sample has a label, sorted."""
+    index = ShardIndex.load(root)
+    return sorted(
+        k for k, r in index.rows.items()
+        if r["has_label"] and r["split"] == split and (domain is None or r["domain"] == domain)
+    )
+
+
 def random_labeled_keys(root: str, split: str, n: int, seed: int, domain: str | None = None) -> list[str]:
     """``n`` labeled keys of ``split`` drawn without replacement, seeded; returned sorted.
 
     The draw depends only on (manifest, split, domain, n, seed): every rank gets the same list.
     """
-    index = ShardIndex.load(root)
-    candidates = sorted(
-        k for k, r in index.rows.items()
-        if r["has_label"] and r["split"] == split and (domain is None or r["domain"] == domain)
-    )
+    candidates = labeled_candidates(root, split, domain)
     if n < 0 or n > len(candidates):
         raise DatasetError(
             f"cannot draw {n} labeled keys: {join(root, 'manifest.parquet')} has {len(candidates)} labeled "
