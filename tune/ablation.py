@@ -1,7 +1,7 @@
 """Component study of the semi-supervised stage (the paper's ablation), as a grid of runs.
 
     python -m tune.ablation --data data/synthetic --sde-export runs/sde/export/best.pt \
-        --out runs/ablation --seeds 0 1 --steps 1500
+        --out runs/ablation --seeds 0 1 --steps 3200
 
 Every row trains the same preset (``demo_semiseg`` by default) for the same number of
 steps on the same labeled subset size, changing only the components; each run's
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--preset", default="demo_semiseg")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--rows", nargs="*", default=None,
                    help=f"rows to run (default: the paper's six, {DEFAULT_ROWS}); also {UPPER_BOUND!r}")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
