@@ -33,13 +33,13 @@ def test_upper_bound_row_uses_every_label_of_the_split(synthetic_root):
     from sdeseg.data.labeled import labeled_candidates, labeled_keys_for
 
     args = argparse.Namespace(data=synthetic_root, sde_export="e.pt", steps=7, preset="demo_semiseg",
-                              overrides=["data.num_labeled=3"])
+                              overrides=["data.num_labeled=3", "data.labeled_keys=keys.txt"])
     n_train = len(labeled_candidates(synthetic_root, "train"))
     assert n_train == 24  # the fixture's training triplets, all labeled
     upper = ablation.row_config(args, ablation.UPPER_BOUND, seed=1)
-    assert upper.data.num_labeled == n_train  # over the command line's 3
+    assert upper.data.num_labeled == n_train and upper.data.labeled_keys is None  # over the command line
     assert len(labeled_keys_for(upper.data)) == n_train
     assert (upper.semiseg.pseudo_label, upper.semiseg.mix, upper.train.steps) == (False, "none", 7)
     base = ablation.row_config(args, "supervised only", seed=1)
-    assert base.data.num_labeled == 3 and base.data.labeled_seed == 1
+    assert base.data.labeled_keys == "keys.txt" and base.data.labeled_seed == 1
     assert ablation.UPPER_BOUND not in ablation.DEFAULT_ROWS and len(ablation.DEFAULT_ROWS) == 6

@@ -68,7 +68,7 @@ def row_config(args: argparse.Namespace, row: str, seed: int):
     common = [f"data.root={args.data}", f"semiseg.sde_checkpoint={args.sde_export}",
               f"train.seed={seed}", f"data.labeled_seed={seed}", f"train.steps={args.steps}",
               f"train.val_every={args.steps}", f"train.ckpt_every={args.steps}"]
-    last = [f"data.num_labeled={_all_labeled(args)}"] if row == UPPER_BOUND else []
+    last = [f"data.num_labeled={_all_labeled(args)}", "data.labeled_keys=null"] if row == UPPER_BOUND else []
     return load_config(args.preset, common + ROWS[row] + list(args.overrides) + last)
 
 
