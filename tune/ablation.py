@@ -62,23 +62,20 @@ def run_grid(args: argparse.Namespace) -> dict[str, list[dict]]:
 
 def row_config(args: argparse.Namespace, row: str, seed: int):
     """The config of one run: preset, the grid's common settings, the row's components, the
-    command line's overrides, and for the upper-bound row every label of the split."""
+    command line's overrides, and for the upper-bound row every label of its training split."""
     from sdeseg.config import load_config
+    from sdeseg.data.labeled import labeled_candidates
 
     common = [f"data.root={args.data}", f"semiseg.sde_checkpoint={args.sde_export}",
               f"train.seed={seed}", f"data.labeled_seed={seed}", f"train.steps={args.steps}",
               f"train.val_every={args.steps}", f"train.ckpt_every={args.steps}"]
-    last = [f"data.num_labeled={_all_labeled(args)}", "data.labeled_keys=null"] if row == UPPER_BOUND else []
-    return load_config(args.preset, common + ROWS[row] + list(args.overrides) + last)
-
-
-def _all_labeled(args: argparse.Namespace) -> int:
-    """How many labeled samples the training split of the grid's data holds."""
-    from sdeseg.config import load_config
-    from sdeseg.data.labeled import labeled_candidates
-
-    d = load_config(args.preset, [f"data.root={args.data}"] + list(args.overrides)).data
-    return len(labeled_candidates(d.root, d.train_split, d.domain))
+    overrides = common + ROWS[row] + list(args.overrides)
+    cfg = load_config(args.preset, overrides)
+    if row != UPPER_BOUND:
+        return cfg
+    d = cfg.data
+    n = len(labeled_candidates(d.root, d.train_split, d.domain))
+    return load_config(args.preset, overrides + [f"data.num_labeled={n}", "data.labeled_keys=null"])
 
 
 def _slug(text: str) -> str:
