@@ -1,0 +1,51 @@
+"""The DepthMix probe: its masks and counts by hand, and a run on the fixture dataset."""
+
+import torch
+
+from sdeseg.data.classes import class_names
+from tune import mix_probe
+
+
+def test_keep_mask_keeps_the_closer_image_and_treats_invalid_depth_as_far():
+    depth = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
+    depth[1, 0, 0, 0] = 0.0  # invalid: farther than anything
+    perm = torch.tensor([1, 2, 0])
+    m = mix_probe.keep_mask(depth, perm)
+    assert m[0].all()  # 1 < 2, and 1 < inf at the invalid pixel
+    assert m[1].sum() == 3 and not m[1, 0, 0]  # 2 < 3 except the invalid pixel
+    assert not m[2].any()  # 3 > 1
+    tie = torch.ones(2, 1, 2, 2)
+    assert not mix_probe.keep_mask(tie, torch.tensor([1, 0])).any()
+    assert mix_probe.keep_mask(tie, torch.tensor([1, 0]), eps=0.1).all()  # eps keeps ties
+
+
+def test_keep_stats_count_per_class():
+    stats = mix_probe.KeepStats(3)
+    label = torch.tensor([[[0, 0, 1, 255]]])
+    pseudo = torch.tensor([[[True, False, True, True]]])
+    true = torch.tensor([[[True, True, False, False]]])
+    stats.update(label, pseudo, true)
+    # rows: total, kept by pseudo, kept by true, agree; the ignore pixel is not counted
+    assert stats.counts.tolist() == [[2, 1, 0], [1, 1, 0], [2, 0, 0], [1, 0, 0]]
+    rows = {c: r for c, *r in stats.rows()}
+    assert set(rows) == {0, 1}  # class 2 is absent
+    assert rows[0] == [2 / 3, 0.5, 1.0, 0.5] and rows[1] == [1 / 3, 1.0, 0.0, 0.0]
+
+
+def test_probe_on_the_fixture_with_an_untrained_export(synthetic_root, tmp_path, capsys):
+    from sdeseg.models.sde import build_sde_model
+    from sdeseg.stages.sde import export_payload
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("demo_sde", synthetic_root)
+    torch.manual_seed(0)
+    path = tmp_path / "sde.pt"
+    torch.save(export_payload(build_sde_model(cfg.model), cfg, 0, {}), path)
+    assert mix_probe.main(["--data", synthetic_root, "--sde-export", str(path), "--images", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split("|")[1].strip(): [float(c.strip(" %")) for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert set(rows) - {"all"} <= set(class_names()) and len(rows) > 3
+    assert abs(sum(v[0] for k, v in rows.items() if k != "all") - 100) < 0.1  # shares add up
+    assert all(0 <= x <= 1 for v in rows.values() for x in v[1:])
+    # ground-truth sky has no depth (infinitely far): true depth never keeps it over its partner
+    assert rows["sky"][2] == 0.0
