@@ -176,9 +176,13 @@ class SemisegConfig:
 
     ignore_index: int = 255
     mix: Literal["none", "classmix", "depthmix"] = "depthmix"
-    mix_depth: Literal["pseudo", "online"] = "pseudo"  # SDE-model depth, or the multi-task student's
+    # SDE-model depth, the multi-task student's, or the dataset's exact depth (an oracle for
+    # studies on data that has it, e.g. the synthetic set; invalid depth counts as far)
+    mix_depth: Literal["pseudo", "online", "ground_truth"] = "pseudo"
     mix_eps: float = 0.0
     mix_labeled: bool = True  # labeled images join the mixing pool with their ground truth
+    # weight the pseudo-label loss so each class keeps its pre-mix pixel share (mixing.rebalance_weights)
+    mix_rebalance: bool = False
     pseudo_label: bool = True  # False: supervised-only baseline
     pseudo_threshold: float = 0.968
     # "fraction": CE on all pixels x the confident fraction (the paper); "pixel": CE on confident pixels only

@@ -47,6 +47,7 @@ class MixResult:
     perm: torch.Tensor
     probs: torch.Tensor | None = None
     label: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # (B,H,W) per-pixel loss weight, see rebalance_weights
 
 
 def _gen_device(generator: torch.Generator | None) -> torch.device:
@@ -176,6 +177,41 @@ def labels_to_probs(label: torch.Tensor, num_classes: int, ignore_index: int = 2
         raise ValueError(f"labels_to_probs: labels must be in [0, {num_classes}) or {ignore_index}")
     onehot = F.one_hot(torch.where(valid, label, 0).long(), num_classes).permute(0, 3, 1, 2)
     return onehot.float() * valid[:, None]
+
+
+def rebalance_weights(
+    pool_probs: torch.Tensor, mixed_probs: torch.Tensor, clamp: tuple[float, float] = (0.25, 4.0)
+) -> torch.Tensor:
+    """Per-pixel weights (B,H,W) that give each class of the mixed pseudo-labels the share
+    of pixels it had in the pool before mixing.
+
+    A mix changes the class prior of the targets: DepthMix keeps what is near and drops
+    what is far or flat, so on street scenes vegetation, cars and poles gain pixels and
+    terrain, road and sky lose them (``python -m tune.mix_probe`` measures the keep
+    rates). Class ``c`` with pool share ``p_c`` and mixed share ``m_c`` (shares of the
+    pixels with a label, the argmax of a non-zero probability vector) gets weight
+    ``p_c / m_c``, clamped to ``clamp``; without clamping the weights average to exactly 1
+    over the labelled mixed pixels. ClassMix keeps every class at 1/2 in expectation, so
+    its weights stay near 1. Pixels without a label (all-zero vectors) get weight 1.
+
+    Args:
+        pool_probs: (B,K,H,W) teacher probabilities / one-hot ground truth before the mix.
+        mixed_probs: (B,K,H,W) the same after the mix.
+        clamp: (low, high) bounds of the weights.
+    """
+    k = pool_probs.shape[1]
+
+    def shares(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        max_probs, label = probs.max(1)
+        valid = max_probs > 0
+        counts = torch.bincount(label[valid], minlength=k).to(probs.dtype)
+        return counts / counts.sum().clamp(min=1), label, valid
+
+    pool_share = shares(pool_probs)[0]
+    mixed_share, label, valid = shares(mixed_probs)
+    ratio = torch.where(mixed_share > 0, pool_share / mixed_share.clamp(min=1e-12), torch.ones_like(mixed_share))
+    weight = ratio.clamp(*clamp)[label]
+    return torch.where(valid, weight, torch.ones_like(weight))
 
 
 # ----------------------------------------------------------------------------- strong augmentation

@@ -24,12 +24,24 @@ def test_keep_stats_count_per_class():
     label = torch.tensor([[[0, 0, 1, 255]]])
     pseudo = torch.tensor([[[True, False, True, True]]])
     true = torch.tensor([[[True, True, False, False]]])
-    stats.update(label, pseudo, true)
-    # rows: total, kept by pseudo, kept by true, agree; the ignore pixel is not counted
-    assert stats.counts.tolist() == [[2, 1, 0], [1, 1, 0], [2, 0, 0], [1, 0, 0]]
+    # a batch of one image is its own partner: the mix leaves the labels as they are
+    stats.update(label, pseudo, true, torch.tensor([0]))
+    # rows: total, kept by pseudo, kept by true, agree, mixed by pseudo, mixed by true;
+    # the ignore pixel is not counted
+    assert stats.counts.tolist() == [[2, 1, 0], [1, 1, 0], [2, 0, 0], [1, 0, 0], [2, 1, 0], [2, 1, 0]]
     rows = {c: r for c, *r in stats.rows()}
     assert set(rows) == {0, 1}  # class 2 is absent
-    assert rows[0] == [2 / 3, 0.5, 1.0, 0.5] and rows[1] == [1 / 3, 1.0, 0.0, 0.0]
+    assert rows[0] == [2 / 3, 0.5, 1.0, 0.5, 1.0, 1.0] and rows[1] == [1 / 3, 1.0, 0.0, 0.0, 1.0, 1.0]
+
+    # two images: image 0 all class 0, image 1 all class 1; the pseudo mask keeps image 0
+    # everywhere and drops image 1 (class 0 fills both mixes), the true mask keeps each itself
+    stats = mix_probe.KeepStats(2)
+    label = torch.tensor([[[0, 0]], [[1, 1]]])
+    keep0 = torch.tensor([[[True, True]], [[False, False]]])
+    stats.update(label, keep0, torch.ones_like(keep0), torch.tensor([1, 0]))
+    assert stats.counts[4].tolist() == [4, 0] and stats.counts[5].tolist() == [2, 2]
+    rows = {c: r for c, *r in stats.rows()}
+    assert rows[0][4:] == [2.0, 1.0] and rows[1][4:] == [0.0, 1.0]  # class 0's share doubled
 
 
 def test_probe_on_the_fixture_with_an_untrained_export(synthetic_root, tmp_path, capsys):
@@ -46,6 +58,10 @@ def test_probe_on_the_fixture_with_an_untrained_export(synthetic_root, tmp_path,
     rows = {line.split("|")[1].strip(): [float(c.strip(" %")) for c in line.split("|")[2:-1]] for line in lines[2:]}
     assert set(rows) - {"all"} <= set(class_names()) and len(rows) > 3
     assert abs(sum(v[0] for k, v in rows.items() if k != "all") - 100) < 0.1  # shares add up
-    assert all(0 <= x <= 1 for v in rows.values() for x in v[1:])
+    assert all(0 <= x <= 1 for v in rows.values() for x in v[1:4])
+    assert all(x >= 0 for v in rows.values() for x in v[4:])
+    shares = {k: v[0] / 100 for k, v in rows.items() if k != "all"}
+    for col in (4, 5):  # the mixed shares are shares too: they add up to 1 (to the printed rounding)
+        assert abs(sum(shares[k] * rows[k][col] for k in shares) - 1) < 0.02
     # ground-truth sky has no depth (infinitely far): true depth never keeps it over its partner
     assert rows["sky"][2] == 0.0

@@ -11,6 +11,7 @@ from sdeseg.mixing import (
     depth_mix_batch,
     labels_to_probs,
     mix_partners,
+    rebalance_weights,
     strong_augment,
 )
 
@@ -98,6 +99,42 @@ def test_ground_truth_in_the_pool():
     pool = labels_to_probs(torch.tensor([[[255, 0], [1, 1]], [[2, 2], [2, 0]]]), 3)
     mix = classmix_batch(torch.rand(2, 3, 2, 2), pool, generator=g)
     assert not mix.mask[0, 0, 0, 0]
+
+
+def test_rebalance_weights_restore_the_pool_class_shares():
+    # pool of 2 images, 4 pixels each: image 0 all class 0 (near), image 1 = class 1 (far) x3
+    # and one ignore pixel; DepthMix keeps image 0 everywhere in both mixes.
+    pool = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 255]]).reshape(2, 2, 2)
+    depth = torch.tensor([[1.0] * 4, [9.0] * 4]).reshape(2, 1, 2, 2)
+    probs = labels_to_probs(pool, 2)
+    mix = depth_mix_batch(probs.clone(), depth, probs=probs, perm=torch.tensor([1, 0]))
+    assert (mix.probs.argmax(1) == 0).all()  # class 1 vanished from the targets
+    w = rebalance_weights(probs, mix.probs)
+    # class 0: pool share 4/7, mixed share 8/8 -> weight 4/7 at every (class-0) pixel
+    assert torch.allclose(w, torch.full((2, 2, 2), 4 / 7))
+
+    # a mix that keeps half of class 0 and all of class 1 (pool 4:3 -> mixed 2:3 + 3 more of
+    # class 1 from the other image): shares 4/7, 3/7 before; counted by hand after
+    mixed = torch.stack([labels_to_probs(torch.tensor([[[0, 0], [1, 1]]]), 2)[0],
+                         labels_to_probs(torch.tensor([[[1, 1], [1, 255]]]), 2)[0]])
+    w = rebalance_weights(probs, mixed)
+    lab = mixed.max(1)
+    m0, m1 = 2 / 7, 5 / 7  # mixed shares over the 7 labelled pixels
+    expected = torch.where(lab.indices == 0, (4 / 7) / m0, (3 / 7) / m1)
+    expected = torch.where(lab.values > 0, expected, torch.ones_like(expected))  # ignore pixel: 1
+    assert torch.allclose(w, expected)
+    labelled = lab.values > 0
+    assert torch.isclose(w[labelled].mean(), torch.tensor(1.0))  # unclamped: the loss scale is kept
+    assert torch.allclose(rebalance_weights(probs, mixed, clamp=(0.9, 1.1)), expected.clamp(0.9, 1.1))
+
+    # the loss takes the weights per pixel; q does not depend on them
+    logits = torch.randn(2, 2, 2, 2)
+    plain, q = pseudo_label_loss(logits, mixed, threshold=0.968)
+    weighted, q_w = pseudo_label_loss(logits, mixed, threshold=0.968, pixel_weight=w)
+    ce = torch.nn.functional.cross_entropy(logits, mixed.argmax(1).masked_fill(~labelled, 255),
+                                           ignore_index=255, reduction="none")
+    assert q == q_w and torch.allclose(weighted, q * (ce * w).mean())
+    assert not torch.allclose(weighted, plain)
 
 
 def test_strong_augment():

@@ -84,3 +84,37 @@ def test_separate_passes_keep_mixed_images_out_of_the_labeled_batchnorm(syntheti
     # joint pass: the mixed images set the BatchNorm statistics of the labeled forward, so
     # the supervised gradient depends on them; separate passes: it does not
     assert same is separate
+
+
+def _first_unsup_loss(root, export, run_dir, *extra):
+    import json
+
+    run_in_process(_seg(root, export, "train.steps=1", "train.log_every=1", *extra), run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["seg/unsup"] for r in rows if r.get("kind") == "train")
+
+
+def test_mix_rebalance_reweights_the_pseudo_label_loss(synthetic_root, sde_export, tmp_path):
+    # same seed, same batch, same mix: only the per-class weights of the pseudo-label loss differ
+    plain = _first_unsup_loss(synthetic_root, sde_export, tmp_path / "plain", "semiseg.pseudo_threshold=0")
+    again = _first_unsup_loss(synthetic_root, sde_export, tmp_path / "again", "semiseg.pseudo_threshold=0")
+    rebal = _first_unsup_loss(synthetic_root, sde_export, tmp_path / "rebal", "semiseg.pseudo_threshold=0",
+                              "semiseg.mix_rebalance=true")
+    assert plain == pytest.approx(again, rel=1e-6) and plain > 0
+    assert rebal != pytest.approx(plain, rel=1e-4)
+
+
+def test_depthmix_with_ground_truth_depth(synthetic_root, sde_export, tmp_path):
+    from types import SimpleNamespace
+
+    from sdeseg.stages.semiseg import ground_truth_depth
+
+    summary = run_in_process(_seg(synthetic_root, sde_export, "train.steps=2", "semiseg.mix_depth=ground_truth"),
+                             tmp_path / "gt")
+    assert summary["steps"] == 2 and 0.0 <= summary["seg/miou"] <= 1.0
+
+    depth = torch.tensor([[[[2.0, 0.0]]], [[[0.0, 0.0]]]])  # sample b has no valid depth at all
+    with pytest.raises(ConfigError, match=r"mix_depth=ground_truth.*\['b'\]"):
+        ground_truth_depth([SimpleNamespace(keys=["a", "b"], depth=depth)])
+    ok = ground_truth_depth([SimpleNamespace(keys=["a"], depth=depth[:1])])
+    assert ok[0, 0, 0, 0] == 2.0 and ok[0, 0, 0, 1] == float("inf")  # invalid depth is far

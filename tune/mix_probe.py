@@ -8,8 +8,11 @@ mask twice — from the SDE model's pseudo-depth and from the dataset's ground-t
 — and prints, per class, the share of that class's pixels each mask keeps and how often
 the two masks agree on them. A class the pseudo-depth keeps much less often than the
 true geometry does (thin poles and signs, whose predicted depth is smeared into the
-background) is pasted into fewer mixed images than DepthMix intends. It needs a split
-with ground-truth depth (the synthetic dataset has it); no training, one thread, seconds.
+background) is pasted into fewer mixed images than DepthMix intends. The last two
+columns give each class's share of the mixed ground-truth labels over its share before
+the mix: the class prior the pseudo-label loss sees (``semiseg.mix_rebalance`` weights
+by the inverse of this ratio). It needs a split with ground-truth depth (the synthetic
+dataset has it); no training, one thread, seconds.
 """
 
 from __future__ import annotations
@@ -35,28 +38,38 @@ def keep_mask(depth: torch.Tensor, perm: torch.Tensor, eps: float = 0.0) -> torc
 
 class KeepStats:
     """Per-class pixel counts: total, kept by the pseudo-depth mask, kept by the true-depth
-    mask, and pixels where the two masks agree."""
+    mask, pixels where the two masks agree, and the pixels of the mixed labels under
+    each mask."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
-        self.counts = torch.zeros(4, num_classes, dtype=torch.long)
+        self.counts = torch.zeros(6, num_classes, dtype=torch.long)
 
-    def update(self, label: torch.Tensor, pseudo: torch.Tensor, true: torch.Tensor) -> None:
-        """label (B,H,W) train ids (others ignored); pseudo, true (B,H,W) bool masks."""
+    def update(self, label: torch.Tensor, pseudo: torch.Tensor, true: torch.Tensor, perm: torch.Tensor) -> None:
+        """label (B,H,W) train ids (others ignored); pseudo, true (B,H,W) bool masks of each
+        image against its partner ``perm[i]``."""
         valid = (label >= 0) & (label < self.num_classes)
         lab = label[valid]
         for row, m in enumerate((torch.ones_like(pseudo), pseudo, true, pseudo == true)):
             self.counts[row] += torch.bincount(lab[m[valid]], minlength=self.num_classes)
+        for row, m in ((4, pseudo), (5, true)):
+            mixed = torch.where(m, label, label[perm])
+            ok = (mixed >= 0) & (mixed < self.num_classes)
+            self.counts[row] += torch.bincount(mixed[ok], minlength=self.num_classes)
 
-    def rows(self) -> list[tuple[int, float, float, float, float]]:
-        """(class, share of all pixels, kept by pseudo-depth, kept by true depth, agreement)
-        for every class present."""
-        total, pseudo, true, agree = self.counts.double()
+    def rows(self) -> list[tuple[int, float, float, float, float, float, float]]:
+        """(class, share of all pixels, kept by pseudo-depth, kept by true depth, agreement,
+        mixed/pool share ratio with pseudo-depth, the same with true depth) for every class
+        present."""
+        total, pseudo, true, agree, mixed_pseudo, mixed_true = self.counts.double()
+        share = total / total.sum()
+        ratio_pseudo = mixed_pseudo / mixed_pseudo.sum() / share
+        ratio_true = mixed_true / mixed_true.sum() / share
         out = []
         for c in range(self.num_classes):
             if total[c] > 0:
-                out.append((c, float(total[c] / total.sum()), float(pseudo[c] / total[c]),
-                            float(true[c] / total[c]), float(agree[c] / total[c])))
+                out.append((c, float(share[c]), float(pseudo[c] / total[c]), float(true[c] / total[c]),
+                            float(agree[c] / total[c]), float(ratio_pseudo[c]), float(ratio_true[c])))
         return out
 
 
@@ -74,18 +87,21 @@ def probe(root: str, sde_export: str, split: str = "train", images: int = 128, b
             raise ValueError(f"{root}: split {split!r} needs labels and ground-truth depth for this probe")
         perm = mix_partners(len(b), gen)
         pseudo = disp_to_depth(model(b.images[0])[("disp", 0)], min_depth, max_depth, mapping)[1]
-        stats.update(b.label, keep_mask(pseudo, perm, eps), keep_mask(b.depth, perm, 0.0))
+        stats.update(b.label, keep_mask(pseudo, perm, eps), keep_mask(b.depth, perm, 0.0), perm)
     return stats
 
 
 def format_table(stats: KeepStats) -> str:
     names = class_names()
-    lines = ["| class | share of pixels | kept, SDE depth | kept, true depth | masks agree |",
-             "|---|---|---|---|---|"]
-    for c, share, pseudo, true, agree in stats.rows():
-        lines.append(f"| {names[c]} | {100 * share:.2f}% | {pseudo:.2f} | {true:.2f} | {agree:.2f} |")
+    lines = ["| class | share of pixels | kept, SDE depth | kept, true depth | masks agree "
+             "| share mixed/before, SDE depth | share mixed/before, true depth |",
+             "|---|---|---|---|---|---|---|"]
+    for c, share, pseudo, true, agree, r_pseudo, r_true in stats.rows():
+        lines.append(f"| {names[c]} | {100 * share:.2f}% | {pseudo:.2f} | {true:.2f} | {agree:.2f} "
+                     f"| {r_pseudo:.2f} | {r_true:.2f} |")
     total = stats.counts.sum(1).double()
-    lines.append(f"| all | 100% | {total[1] / total[0]:.2f} | {total[2] / total[0]:.2f} | {total[3] / total[0]:.2f} |")
+    lines.append(f"| all | 100% | {total[1] / total[0]:.2f} | {total[2] / total[0]:.2f} | {total[3] / total[0]:.2f} "
+                 "| 1.00 | 1.00 |")
     return "\n".join(lines)
 
 

@@ -65,6 +65,7 @@ def pseudo_label_loss(
     threshold: float,
     ignore_index: int = 255,
     weighting: str = "fraction",
+    pixel_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's argmax, weighted by the teacher's confidence.
 
@@ -83,6 +84,8 @@ def pseudo_label_loss(
         teacher_probs: (B,C,H,W) mixed teacher probabilities (no gradient flows into them).
         threshold: confidence threshold (``semiseg.pseudo_threshold``).
         weighting: ``"fraction"`` or ``"pixel"`` (``semiseg.pseudo_weighting``).
+        pixel_weight: (B,H,W) optional per-pixel factor on the cross-entropy (e.g.
+            :func:`sdeseg.mixing.rebalance_weights`); ``q`` does not depend on it.
 
     Returns:
         (loss scalar, q scalar in [0, 1]).
@@ -95,6 +98,8 @@ def pseudo_label_loss(
     confident = max_probs >= threshold
     q = confident.float().mean()
     ce = pixel_cross_entropy(logits, pseudo, ignore_index)
+    if pixel_weight is not None:
+        ce = ce * pixel_weight.detach()
     if weighting == "pixel":
         return (ce * confident).mean(), q
     return q * ce.mean(), q
@@ -120,14 +125,16 @@ def pseudo_label_seg_loss(
     cfg: SemisegConfig,
     extras: dict | None = None,
     step: int | None = None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``seg/unsup`` = cfg.unsup_weight × :func:`unsup_rampup` × :func:`pseudo_label_loss` on
-    ``outputs[("seg", 0)]`` (no ramp when ``step`` is None).
+    ``outputs[("seg", 0)]`` (no ramp when ``step`` is None; ``pixel_weight`` as there).
 
     ``extras`` (if given) receives ``"seg/confident"``: the confident-pixel fraction q.
     """
     loss, q = pseudo_label_loss(
-        outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index, cfg.pseudo_weighting
+        outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index, cfg.pseudo_weighting,
+        pixel_weight,
     )
     if extras is not None:
         extras["seg/confident"] = q.detach()

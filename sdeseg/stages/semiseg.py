@@ -25,7 +25,14 @@ from sdeseg.exports import export_depth_range, load_depth_model, read_export
 from sdeseg.losses.depth import sde_loss
 from sdeseg.losses.seg import pseudo_label_seg_loss, supervised_seg_loss
 from sdeseg.metrics import SegmentationMetric
-from sdeseg.mixing import MixResult, classmix_batch, depth_mix_batch, labels_to_probs, strong_augment
+from sdeseg.mixing import (
+    MixResult,
+    classmix_batch,
+    depth_mix_batch,
+    labels_to_probs,
+    rebalance_weights,
+    strong_augment,
+)
 from sdeseg.models.depth_decoder import disp_to_depth
 from sdeseg.models.ema import EMATeacher
 from sdeseg.models.seg import build_seg_model, transfer_from_sde
@@ -58,6 +65,8 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
         if s.mix_depth == "pseudo":
             disp = depth_net(images)[("disp", 0)]
             depth = disp_to_depth(disp, *depth_net.depth_range)[1]
+        elif s.mix_depth == "ground_truth":
+            depth = ground_truth_depth([ub, lb] if s.mix_labeled else [ub])
         else:  # the multi-task teacher already predicted depth for the pool
             dl = cfg.depth_loss
             depth = disp_to_depth(t_out[("disp", 0)], dl.min_depth, dl.max_depth, dl.disp_mapping)[1]
@@ -66,8 +75,27 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
         mix = classmix_batch(images, probs, generator=gen)
     else:
         mix = MixResult(image=images, mask=None, perm=None, probs=probs, label=None)
+    if s.mix_rebalance and mix.mask is not None:
+        mix.weight = rebalance_weights(probs, mix.probs)
     mix.image = strong_augment(mix.image, gen, jitter=s.color_jitter, blur=s.blur)
     return mix
+
+
+def ground_truth_depth(batches) -> torch.Tensor:
+    """The batches' exact depth (B,1,H,W) for ``semiseg.mix_depth=ground_truth``; invalid
+    pixels (0, e.g. sky) count as infinitely far, so the partner always shows there."""
+    missing = [k for b in batches for k, d in zip(b.keys, _per_sample_depth(b)) if d is None]
+    if missing:
+        raise ConfigError(f"semiseg.mix_depth=ground_truth: samples without ground-truth depth (depth.npy), "
+                          f"e.g. {missing[:3]}; use mix_depth=pseudo on this dataset")
+    depth = torch.cat([b.depth for b in batches])
+    return torch.where(depth > 0, depth, torch.full_like(depth, float("inf")))
+
+
+def _per_sample_depth(batch) -> list:
+    if batch.depth is None:
+        return [None] * len(batch.keys)
+    return [d if bool((d > 0).any()) else None for d in batch.depth]
 
 
 def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generator, step: int) -> dict:
@@ -85,7 +113,7 @@ def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Gener
     losses = supervised_seg_loss({k: out[k][:n_lab] for k in SEG_KEYS if k in out}, lb.label, s)
     extras: dict = {}
     if mix is not None:
-        losses.update(pseudo_label_seg_loss({("seg", 0): mixed_logits}, mix.probs, s, extras, step))
+        losses.update(pseudo_label_seg_loss({("seg", 0): mixed_logits}, mix.probs, s, extras, step, mix.weight))
     if cfg.model.multitask and ub is not None and -1 in ub.images:
         seq_out = engine(ub.images_aug)
         depth = sde_loss(ub.images, seq_out, ub.K, ub.inv_K, cfg.depth_loss)
