@@ -43,3 +43,15 @@ def test_upper_bound_row_uses_every_label_of_the_split(synthetic_root):
     base = ablation.row_config(args, "supervised only", seed=1)
     assert base.data.labeled_keys == "keys.txt" and base.data.labeled_seed == 1
     assert ablation.UPPER_BOUND not in ablation.DEFAULT_ROWS and len(ablation.DEFAULT_ROWS) == 6
+
+
+def test_rebalanced_rows_differ_from_their_mix_only_by_the_rebalance(synthetic_root):
+    args = argparse.Namespace(data=synthetic_root, sde_export="e.pt", steps=7, preset="demo_semiseg", overrides=[])
+    for mix in ("+ ClassMix", "+ DepthMix"):
+        row = f"{mix}, rebalanced"
+        assert row in ablation.ROWS and row not in ablation.DEFAULT_ROWS
+        plain, rebal = ablation.row_config(args, mix, seed=0), ablation.row_config(args, row, seed=0)
+        assert (plain.semiseg.mix_rebalance, rebal.semiseg.mix_rebalance) == (False, True)
+        assert rebal.semiseg.mix == plain.semiseg.mix and rebal.semiseg.pseudo_label
+        rebal.semiseg.mix_rebalance = False
+        assert rebal.to_dict() == plain.to_dict()
