@@ -80,6 +80,12 @@ def _resolve_perm(
     return torch.as_tensor(perm, dtype=torch.long).to(device)
 
 
+def invalid_depth_as_far(depth: torch.Tensor) -> torch.Tensor:
+    """Ground-truth depth for a DepthMix mask: invalid pixels (<= 0, e.g. sky) become
+    infinitely far, so the partner always shows there."""
+    return torch.where(depth > 0, depth, torch.full_like(depth, float("inf")))
+
+
 def depth_mix_batch(
     images: torch.Tensor,
     depth: torch.Tensor,

@@ -1,5 +1,7 @@
 """The semi-supervised stage in-process: DepthMix training, exact resume with the teacher, bad input."""
 
+import json
+
 import pytest
 import torch
 
@@ -87,8 +89,6 @@ def test_separate_passes_keep_mixed_images_out_of_the_labeled_batchnorm(syntheti
 
 
 def _first_unsup_loss(root, export, run_dir, *extra):
-    import json
-
     run_in_process(_seg(root, export, "train.steps=1", "train.log_every=1", *extra), run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return next(r["seg/unsup"] for r in rows if r.get("kind") == "train")

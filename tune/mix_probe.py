@@ -24,7 +24,7 @@ import torch
 from sdeseg.data.classes import class_names
 from sdeseg.data.reader import ValLoader
 from sdeseg.exports import load_depth_model
-from sdeseg.mixing import mix_partners
+from sdeseg.mixing import invalid_depth_as_far, mix_partners
 from sdeseg.models.depth_decoder import disp_to_depth
 from sdeseg.ops import depth_mix
 
@@ -32,8 +32,7 @@ from sdeseg.ops import depth_mix
 def keep_mask(depth: torch.Tensor, perm: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """(B,H,W) bool DepthMix mask of each image against its partner ``perm[i]``; depth
     (B,1,H,W), invalid (<= 0, e.g. sky in ground truth) counts as infinitely far."""
-    far = torch.where(depth > 0, depth, torch.full_like(depth, float("inf")))
-    return depth_mix(far, perm=perm, eps=eps)[0][:, 0]  # the stage's own mask rule
+    return depth_mix(invalid_depth_as_far(depth), perm=perm, eps=eps)[0][:, 0]  # the stage's own mask rule
 
 
 class KeepStats:

@@ -29,6 +29,7 @@ from sdeseg.mixing import (
     MixResult,
     classmix_batch,
     depth_mix_batch,
+    invalid_depth_as_far,
     labels_to_probs,
     rebalance_weights,
     strong_augment,
@@ -82,20 +83,17 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
 
 
 def ground_truth_depth(batches) -> torch.Tensor:
-    """The batches' exact depth (B,1,H,W) for ``semiseg.mix_depth=ground_truth``; invalid
-    pixels (0, e.g. sky) count as infinitely far, so the partner always shows there."""
-    missing = [k for b in batches for k, d in zip(b.keys, _per_sample_depth(b)) if d is None]
+    """The batches' exact depth (B,1,H,W) for ``semiseg.mix_depth=ground_truth``, invalid
+    pixels as far (:func:`sdeseg.mixing.invalid_depth_as_far`); a sample with no valid
+    depth is a ConfigError naming it."""
+    missing = []
+    for b in batches:
+        has = [False] * len(b.keys) if b.depth is None else (b.depth > 0).flatten(1).any(1).tolist()
+        missing += [k for k, ok in zip(b.keys, has) if not ok]
     if missing:
         raise ConfigError(f"semiseg.mix_depth=ground_truth: samples without ground-truth depth (depth.npy), "
                           f"e.g. {missing[:3]}; use mix_depth=pseudo on this dataset")
-    depth = torch.cat([b.depth for b in batches])
-    return torch.where(depth > 0, depth, torch.full_like(depth, float("inf")))
-
-
-def _per_sample_depth(batch) -> list:
-    if batch.depth is None:
-        return [None] * len(batch.keys)
-    return [d if bool((d > 0).any()) else None for d in batch.depth]
+    return invalid_depth_as_far(torch.cat([b.depth for b in batches]))
 
 
 def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generator, step: int) -> dict:
