@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     seg_over = [f"semiseg.sde_checkpoint={sde_export}"]
     seg_over += [f"train.steps={args.seg_steps}"] if args.seg_steps else []
-    seg_cfg = load_config("demo_semiseg", _stage_overrides(args, str(data_root), seg_over))
+    seg_cfg = load_config("demo_pipeline_semiseg", _stage_overrides(args, str(data_root), seg_over))
     print("[demo] stage 2/2: semi-supervised segmentation with DepthMix")
     seg = run_stage(seg_cfg, out / "runs" / "semiseg")
     times["semiseg"] = time.perf_counter() - t0
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline:
         t0 = time.perf_counter()
         base_over = seg_over + ["semiseg.pseudo_label=false", "semiseg.transfer=false", "semiseg.mix=none"]
-        base_cfg = load_config("demo_semiseg", _stage_overrides(args, str(data_root), base_over))
+        base_cfg = load_config("demo_pipeline_semiseg", _stage_overrides(args, str(data_root), base_over))
         print("[demo] baseline: supervised only")
         baseline = run_stage(base_cfg, out / "runs" / "supervised")
         times["baseline"] = time.perf_counter() - t0
