@@ -47,7 +47,7 @@ def test_upper_bound_row_uses_every_label_of_the_split(synthetic_root):
 
 def test_rebalanced_rows_differ_from_their_mix_only_by_the_rebalance(synthetic_root):
     args = argparse.Namespace(data=synthetic_root, sde_export="e.pt", steps=7, preset="demo_semiseg", overrides=[])
-    for mix in ("+ ClassMix", "+ DepthMix"):
+    for mix in ("+ ClassMix", "+ DepthMix", "full (multi-task + DepthMix)"):
         row = f"{mix}, rebalanced"
         assert row in ablation.ROWS and row not in ablation.DEFAULT_ROWS
         plain, rebal = ablation.row_config(args, mix, seed=0), ablation.row_config(args, row, seed=0)

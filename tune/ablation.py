@@ -37,7 +37,7 @@ UPPER_BOUND = "supervised, every label (upper bound)"
 ROWS[UPPER_BOUND] = ROWS["supervised only"]
 # The mixes with the pseudo-label loss reweighted to the classes' pre-mix pixel shares
 # (semiseg.mix_rebalance; DepthMix shifts them towards what is near, see tune.mix_probe).
-for _mix in ("+ ClassMix", "+ DepthMix"):
+for _mix in ("+ ClassMix", "+ DepthMix", "full (multi-task + DepthMix)"):
     ROWS[f"{_mix}, rebalanced"] = ROWS[_mix] + ["semiseg.mix_rebalance=true"]
 THIN = ("pole", "traffic sign", "person")
 
