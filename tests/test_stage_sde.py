@@ -43,3 +43,22 @@ def test_sde_exact_resume(synthetic_root, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     ka, kb = _keys(tmp_path / "a"), _keys(tmp_path / "b")
     assert [ka[s] for s in range(1, 7)] == [kb[s] for s in range(1, 7)]
+
+
+def test_in_process_world_leaves_no_rendezvous_port_to_child_processes():
+    """A child of a process that ran a stage in-process builds its own world of one."""
+    import os
+    import subprocess
+    import sys
+
+    from sdeseg.runtime.engine import init_single_process_group
+
+    port_before = os.environ.get("MASTER_PORT")
+    init_single_process_group()
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    assert os.environ.get("MASTER_PORT") == port_before
+    child = ("import torch.distributed as d; from sdeseg.runtime.engine import init_single_process_group as i; "
+             "i(); print(d.get_world_size())")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1"

@@ -10,7 +10,6 @@ parameter groups (encoder vs heads learning rates) work the same at every ZeRO s
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import torch
@@ -43,19 +42,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 def init_single_process_group() -> None:
-    """A world of one (gloo) for in-process runs, so the same DeepSpeed path is used."""
+    """A world of one (gloo) for in-process runs, so the same DeepSpeed path is used.
+
+    The rendezvous goes through an in-memory store, not MASTER_ADDR/MASTER_PORT: a port put in
+    the environment would be inherited by child processes while this process's store still
+    holds it, and their own world of one would then fail to listen on it (EADDRINUSE).
+    DeepSpeed reads LOCAL_RANK from the environment, so the ranks are set there.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_size: int):
