@@ -1,9 +1,13 @@
 """The SDE stage in-process: it trains and validates, and resumes exactly."""
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
+from sdeseg.runtime.engine import init_single_process_group
 from sdeseg.runtime.launch import run_in_process
 from tests.conftest import tiny_config
 
@@ -47,12 +51,6 @@ def test_sde_exact_resume(synthetic_root, tmp_path):
 
 def test_in_process_world_leaves_no_rendezvous_port_to_child_processes():
     """A child of a process that ran a stage in-process builds its own world of one."""
-    import os
-    import subprocess
-    import sys
-
-    from sdeseg.runtime.engine import init_single_process_group
-
     port_before = os.environ.get("MASTER_PORT")
     init_single_process_group()
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
