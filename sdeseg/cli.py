@@ -1,9 +1,9 @@
 """The ``sdeseg`` command.
 
-Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config),
-``demo`` (the whole pipeline on the embedded synthetic dataset), ``eval``,
-``predict`` and ``tune``. Heavy modules are imported inside each handler so
-``--help`` stays instant.
+Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config) and
+``demo`` (the whole pipeline on the embedded synthetic dataset). Heavy modules are
+imported inside each handler so ``--help`` stays instant. Errors in the input (config,
+dataset, export file) end with a message naming the key or file and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ PREP_TARGETS = {
 COMMANDS = {
     "train": ("sdeseg.commands.train", "train one stage from a config file (on a Ray cluster)"),
     "demo": ("sdeseg.commands.demo", "synthetic data -> SDE -> semi-supervised segmentation -> report"),
-    "eval": ("sdeseg.commands.evaluate", "evaluate an exported model on a shard directory"),
-    "predict": ("sdeseg.commands.predict", "write depth / segmentation predictions for images"),
-    "tune": ("sdeseg.commands.tune", "hyper-parameter search with Ray Tune"),
 }
 
 PREP_HELP = {
@@ -35,31 +32,18 @@ PREP_HELP = {
 }
 
 
-def _load(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdeseg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     prep = sub.add_parser("prep", help="convert a dataset into WebDataset shards + manifest")
     prep_sub = prep.add_subparsers(dest="target", required=True, metavar="DATASET")
     for name, module in PREP_TARGETS.items():
-        mod = _load(module)
-        if mod is None:
-            continue
+        mod = importlib.import_module(module)
         p = prep_sub.add_parser(name, help=PREP_HELP[name], description=PREP_HELP[name])
         mod.add_arguments(p)
         p.set_defaults(handler=mod.run)
     for name, (module, help_text) in COMMANDS.items():
-        mod = _load(module)
-        if mod is None:
-            continue
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(handler=mod.run)
@@ -78,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + stray
     from sdeseg.config import ConfigError
     from sdeseg.data.manifest import DatasetError
+    from sdeseg.exports import ExportError
 
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, ExportError) as e:
         print(f"sdeseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

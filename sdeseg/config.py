@@ -79,7 +79,10 @@ class DataConfig:
 
     root: str = "data/synthetic"  # directory or fsspec URL with *.tar shards and manifest.parquet
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # development and model selection (best export)
+    # held out: the final model is evaluated on it at the end of a run (summary keys test/...);
+    # None, or a dataset without this split, skips that evaluation
+    test_split: str | None = "test"
     domain: str | None = None  # keep only samples of this domain (None: all)
     size: Size = (96, 192)  # training crop, height x width
     batch_size: int = 8  # per rank: sequence/unlabeled batch (DeepSpeed micro-batch)
@@ -263,6 +266,9 @@ class RuntimeConfig:
     max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times
     run_name: str | None = None  # same name + storage -> resume; None: derived from the run dir
     storage_path: str | None = None  # Ray Train storage (local dir or URL); None: <run_dir>/ray
+    # BatchNorm over the global batch on CUDA ranks (SyncBatchNorm, NCCL); CPU ranks (gloo) keep
+    # per-rank statistics and average the buffers before validation, export and checkpoints
+    sync_batchnorm: bool = True
     ops_backend: Literal["auto", "reference", "triton"] = "auto"
     in_process: bool = False  # run the stage in this process without Ray (tests, debugging)
     metrics_port: int = 0  # >0: Prometheus endpoint on rank 0 at this port
@@ -343,8 +349,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(tp, value, key)
-    if tp is Size or (origin is tuple and args == (int, int)):
-        return parse_size(value, key) if tp is Size else _coerce_tuple(value, args, key)
+    if tp == Size:  # tuple[int, int] aliases are equal, not identical: compare with ==
+        return parse_size(value, key)
     if origin is tuple:
         return _coerce_tuple(value, args, key)
     if origin is list:
@@ -374,7 +380,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
     if isinstance(value, str) and args and args[0] is int:
-        value = [int(v) for v in re.split(r"[x,\s]+", value.strip()) if v]
+        parts = [v for v in re.split(r"[x,\s]+", value.strip()) if v]
+        if not all(re.fullmatch(r"[+-]?\d+", v) for v in parts):
+            raise ConfigError(f"{key}: expected integers such as 16,32,64, got {value!r}")
+        value = [int(v) for v in parts]
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sdeseg.config import ModelConfig, _build
+from sdeseg.models import DepthRange, build_depth_model, build_seg_model
 
 
 class ExportError(ValueError):
@@ -30,19 +31,14 @@ def export_model_config(payload: dict) -> ModelConfig:
     return _build(ModelConfig, dict(payload["model_config"]), "model")
 
 
-def export_depth_range(payload: dict) -> tuple[float, float, str]:
-    """``(min_depth, max_depth, disp_mapping)`` of an SDE export: the arguments that
-    :func:`sdeseg.models.disp_to_depth` needs after the disparity (exports written before
-    the mapping was configurable hold two numbers and used the "inverse" mapping)."""
-    depth_range = tuple(payload["depth_range"])
-    return (*depth_range, "inverse") if len(depth_range) == 2 else depth_range
+def export_depth_range(payload: dict) -> DepthRange:
+    """The :class:`DepthRange` an export's disparity heads were trained with."""
+    return DepthRange.from_dict(payload["depth_range"])
 
 
 def load_depth_model(export: str | Path | dict):
-    """(DepthModel in eval mode, :func:`export_depth_range`) from an SDE export's path, or from
+    """(DepthModel in eval mode, its :class:`DepthRange`) from an SDE export's path, or from
     its payload when the caller has already read it (:func:`read_export`)."""
-    from sdeseg.models.sde import build_depth_model
-
     payload = export if isinstance(export, dict) else read_export(export, "sde")
     cfg = export_model_config(payload)
     cfg.pretrained = None  # the export already holds trained weights
@@ -53,8 +49,6 @@ def load_depth_model(export: str | Path | dict):
 
 def load_seg_model(path: str | Path):
     """Segmentation (or multi-task) model in eval mode from a semi-supervised export."""
-    from sdeseg.models.seg import build_seg_model
-
     payload = read_export(path, "seg")
     cfg = export_model_config(payload)
     cfg.pretrained = None

@@ -8,17 +8,21 @@ import pytest
 from tune import ablation
 
 
-def test_table_averages_seeds_and_reports_thin_classes(tmp_path):
+def test_table_reports_test_split_averaged_over_seeds_with_val_beside(tmp_path):
     runs = {
-        "supervised only": [{"seg/miou": 0.40, "seg/iou/pole": 0.10}, {"seg/miou": 0.50, "seg/iou/pole": 0.30}],
-        "+ DepthMix": [{"seg/miou": 0.55, "seg/iou/person": 0.2}],
+        "supervised only": [{"seg/miou": 0.40, "test/seg/miou": 0.30, "test/seg/iou/pole": 0.10},
+                            {"seg/miou": 0.50, "test/seg/miou": 0.40, "test/seg/iou/pole": 0.30}],
+        "+ DepthMix": [{"seg/miou": 0.55, "test/seg/miou": 0.52, "test/seg/iou/person": 0.2}],
+        "old run": [{"seg/miou": 0.6}],  # made before the test split existed
     }
     path = ablation.write_table(tmp_path, runs, argparse.Namespace())
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in path.read_text().splitlines()[2:]}
-    assert rows["supervised only"][:2] == ["45.0", "40.0, 50.0"]
-    assert rows["supervised only"][2] == "20.0"  # pole IoU, mean over seeds
-    assert rows["+ DepthMix"][0] == "55.0" and rows["+ DepthMix"][4] == "20.0"  # person
+    assert rows["supervised only"][:3] == ["35.0", "30.0, 40.0", "45.0"]  # test mean, per seed, val mean
+    assert rows["supervised only"][3] == "20.0"  # test pole IoU, mean over seeds
+    assert rows["+ DepthMix"][0] == "52.0" and rows["+ DepthMix"][5] == "20.0"  # test person IoU
+    assert rows["+ DepthMix"][3] == "n/a"  # a class missing from a run is not taken as 0
+    assert rows["old run"][:3] == ["n/a", "n/a", "60.0"]
 
 
 def test_unknown_rows_are_refused_before_any_run(capsys):

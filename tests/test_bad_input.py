@@ -4,7 +4,7 @@ import pytest
 
 from sdeseg.config import ConfigError
 from sdeseg.data.manifest import DatasetError, read_manifest, write_manifest
-from sdeseg.runtime.launch import run_in_process, run_on_ray
+from sdeseg.launch import run_in_process, run_on_ray
 from tests.conftest import tiny_config
 
 

@@ -59,3 +59,25 @@ def test_base_chain_and_roundtrip(tmp_path):
 def test_missing_file_lists_presets():
     with pytest.raises(ConfigError, match="demo_sde"):
         load_config("does_not_exist.yaml")
+
+
+def _leaf_keys(obj, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _leaf_keys(value, key + ".")
+        else:
+            yield key
+
+
+@pytest.mark.parametrize("key", sorted(_leaf_keys(Config())))
+def test_an_unparsable_value_names_its_key(key):
+    """Every field either takes the string "abc" (string fields) or rejects it with a
+    ConfigError naming the field: never a raw ValueError/TypeError from deep inside."""
+    try:
+        load_config(None, [f"{key}=abc"])
+    except ConfigError as e:
+        assert key in str(e)

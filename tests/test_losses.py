@@ -18,7 +18,7 @@ from sdeseg.losses import (
     supervised_seg_loss,
     unsup_rampup,
 )
-from sdeseg.models import ResNetEncoder, depth_to_disp, transformation_from_parameters
+from sdeseg.models import DepthRange, ResNetEncoder, transformation_from_parameters
 
 H, W = 32, 64
 FX, Z, BASELINE = 32.0, 4.0, 0.25
@@ -50,7 +50,7 @@ def plane_outputs(T, depth: float, cfg: DepthLossConfig, batch: int = 2, require
     for s in range(cfg.num_scales):
         disp = torch.full(
             (batch, 1, H >> s, W >> s),
-            float(depth_to_disp(torch.tensor(depth), cfg.min_depth, cfg.max_depth, cfg.disp_mapping)),
+            float(DepthRange.from_config(cfg).sigmoid(torch.tensor(depth))),
         )
         out[("disp", s)] = disp.requires_grad_(requires_grad)
     return out
@@ -64,24 +64,14 @@ def test_sde_loss_vanishes_for_true_depth_and_pose(automask, scale_mode, disp_ma
     num_scales = 2 if scale_mode == "pyramid" else 4
     cfg = DepthLossConfig(automask=automask, scale_mode=scale_mode, disp_mapping=disp_mapping, num_scales=num_scales)
     images, K, T = plane_scene()
-    losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg)
+    losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg).terms
     assert set(losses) == {"depth/photo", "depth/smooth", "depth/total"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     assert losses["depth/photo"].abs() < 1e-3
     assert losses["depth/smooth"].abs() < 1e-9  # constant disparity
     # twice the depth halves the predicted motion: a clearly worse fit
-    wrong = sde_loss(images, plane_outputs(T, 2 * Z, cfg), K, None, cfg)
+    wrong = sde_loss(images, plane_outputs(T, 2 * Z, cfg), K, None, cfg).terms
     assert wrong["depth/photo"] > 0.02
-
-
-def test_pyramid_intrinsics_match_the_resize_convention():
-    from data_prep.shards import scale_intrinsics
-    from sdeseg.losses.depth import _scale_K
-
-    K = torch.tensor([[[200.0, 0.0, 95.3], [0.0, 190.0, 47.1], [0.0, 0.0, 1.0]]], dtype=torch.float64)
-    for size in [(48, 96), (24, 48), (12, 24)]:
-        expected = torch.from_numpy(scale_intrinsics(K[0].numpy(), (96, 192), size))
-        assert torch.allclose(_scale_K(K, (96, 192), size)[0], expected)
 
 
 def test_sde_loss_is_differentiable():
@@ -91,30 +81,26 @@ def test_sde_loss_is_differentiable():
     trans = torch.tensor([[-0.2, 0.0, 0.0]] * 2, requires_grad=True)
     T = {f: transformation_from_parameters(rot, trans, invert=f < 0) for f in (-1, 1)}
     outputs = plane_outputs(T, 3.0, cfg, requires_grad=True)
-    extras: dict = {}
-    losses = sde_loss(
-        images, outputs, K, torch.linalg.inv(K), cfg, extras=extras, generator=torch.Generator()
-    )
+    losses, stats = sde_loss(images, outputs, K, torch.linalg.inv(K), cfg, generator=torch.Generator())
     losses["depth/total"].backward()
     for g in [rot.grad, trans.grad] + [outputs[("disp", s)].grad for s in range(4)]:
         assert g is not None and torch.isfinite(g).all()
     assert trans.grad.abs().sum() > 0 and outputs[("disp", 0)].grad.abs().sum() > 0
-    assert extras[("warped", 1, 0)].shape == (2, 3, H, W)
-    assert extras[("automask", 3)].shape == (2, 1, H, W)
+    assert stats[("warped", 1, 0)].shape == (2, 3, H, W) and not stats[("warped", 1, 0)].requires_grad
+    assert stats[("automask", 3)].shape == (2, 1, H, W)
 
 
 @pytest.mark.parametrize("scale_mode", ["full", "pyramid"])
 def test_automask_masks_static_pixels(scale_mode):
     cfg = DepthLossConfig(scale_mode=scale_mode)
     images, K, T = plane_scene(static=True)  # frames identical, yet the "pose" says motion
-    extras: dict = {}
-    losses = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg, extras=extras)
+    losses, stats = sde_loss(images, plane_outputs(T, Z, cfg), K, None, cfg)
     for s in range(cfg.num_scales):
-        assert extras[("automask", s)].sum() == 0  # identity wins everywhere: all masked
+        assert stats[("automask", s)].sum() == 0  # identity wins everywhere: all masked
     assert losses["depth/photo"].abs() < 1e-4  # only the tie-breaking noise remains
     unmasked = sde_loss(
         images, plane_outputs(T, Z, cfg), K, None, DepthLossConfig(automask=False, scale_mode=scale_mode)
-    )
+    ).terms
     assert unmasked["depth/photo"] > 0.02
 
 
@@ -140,7 +126,7 @@ def test_smoothness_weight_per_scale():
     # normalised step in x is 1/mean = 2/(w+1); the y term is 0
     per_scale = [2 / ((W >> s) + 1) for s in range(2)]
     expected = (0.1 * per_scale[0] + 0.1 / 2 * per_scale[1]) / 2
-    got = sde_loss(images, outputs, K, None, cfg)["depth/smooth"]
+    got = sde_loss(images, outputs, K, None, cfg).terms["depth/smooth"]
     assert torch.allclose(got, torch.tensor(expected), rtol=1e-4)
 
 
@@ -152,7 +138,7 @@ def test_feature_distance_needs_encoder():
         sde_loss(images, outputs, K, None, cfg)
     enc = ResNetEncoder(18, width=8).eval()
     outputs[("enc", 4)] = enc(images[0])[-1] + 1.0  # off by one everywhere
-    losses = sde_loss(images, outputs, K, None, cfg, imagenet_encoder=enc)
+    losses = sde_loss(images, outputs, K, None, cfg, imagenet_encoder=enc).terms
     n = outputs[("enc", 4)].numel()
     assert torch.allclose(losses["depth/feat"], torch.tensor(0.5 * math.sqrt(n)), rtol=1e-4)
     total = losses["depth/photo"] + losses["depth/smooth"] + losses["depth/feat"]
@@ -177,9 +163,8 @@ def test_pseudo_label_weighting_by_hand():
     assert logits.grad[..., 1, 1].abs().sum() == 0  # nothing flows from the ignore pixel
 
     cfg = SemisegConfig(unsup_weight=2.0)
-    extras: dict = {}
-    out = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, extras=extras)
-    assert torch.allclose(out["seg/unsup"], 2 * expected) and extras["seg/confident"] == 0.5
+    terms, stats = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)
+    assert torch.allclose(terms["seg/unsup"], 2 * expected) and stats["seg/confident"] == 0.5
 
     # per-pixel weighting: only the two confident pixels count, divided by all 4 pixels
     logits.grad = None
@@ -189,7 +174,7 @@ def test_pseudo_label_weighting_by_hand():
     assert logits.grad[..., 1, 0].abs().sum() == 0  # the unconfident pixel teaches nothing
     assert logits.grad[..., 0, 0].abs().sum() > 0
     cfg = SemisegConfig(pseudo_weighting="pixel")
-    assert torch.allclose(pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)["seg/unsup"], loss)
+    assert torch.allclose(pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg).terms["seg/unsup"], loss)
     with pytest.raises(ValueError, match="weighting"):
         pseudo_label_loss(logits, probs, threshold=0.968, weighting="median")
 
@@ -205,8 +190,8 @@ def test_unsup_rampup_by_hand():
     probs = torch.softmax(torch.randn(1, 3, 4, 4) * 5, 1)
     logits = torch.randn(1, 3, 4, 4)
     cfg = SemisegConfig(unsup_rampup_steps=100, pseudo_threshold=0.5)
-    full = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg)["seg/unsup"]
-    half = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, step=50)["seg/unsup"]
+    full = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg).terms["seg/unsup"]
+    half = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg, step=50).terms["seg/unsup"]
     assert full > 0 and torch.allclose(half, full * math.exp(-1.25))
     with pytest.raises(ConfigError, match="semiseg.unsup_rampup_steps"):
         SemisegConfig(unsup_rampup_steps=-1)
@@ -218,9 +203,9 @@ def test_supervised_losses():
     label = torch.randint(0, 4, (2, H, W))
     label[0, :5] = 255
     ref = F.cross_entropy(logits, label, ignore_index=255)
-    out = supervised_seg_loss({("seg", 0): logits, ("seg_aux", 0): logits}, label, cfg)
+    out = supervised_seg_loss({("seg", 0): logits, ("seg_aux", 0): logits}, label, cfg).terms
     assert torch.allclose(out["seg/sup"], ref) and torch.allclose(out["seg/aux"], 0.5 * ref)
-    assert set(supervised_seg_loss({("seg", 0): logits}, label, cfg)) == {"seg/sup"}
+    assert set(supervised_seg_loss({("seg", 0): logits}, label, cfg).terms) == {"seg/sup"}
     # low-resolution logits are upsampled to the label
     assert torch.isfinite(cross_entropy(logits[..., ::2, ::2], label))
     # nothing labelled: 0 with a graph, not NaN

@@ -45,7 +45,7 @@ def test_keep_stats_count_per_class():
 
 
 def test_probe_on_the_fixture_with_an_untrained_export(synthetic_root, tmp_path, capsys):
-    from sdeseg.models.sde import build_sde_model
+    from sdeseg.models import build_sde_model
     from sdeseg.stages.sde import export_payload
     from tests.conftest import tiny_config
 

@@ -10,6 +10,7 @@ from sdeseg.config import ModelConfig
 from sdeseg.models import (
     DepthDecoder,
     DepthModel,
+    DepthRange,
     EMATeacher,
     MultiTaskModel,
     PretrainedMismatchError,
@@ -19,8 +20,6 @@ from sdeseg.models import (
     build_multitask_model,
     build_sde_model,
     build_seg_model,
-    depth_to_disp,
-    disp_to_depth,
     ema_alpha,
     load_pretrained,
     transfer_from_sde,
@@ -185,23 +184,35 @@ def test_seg_and_multitask_outputs():
     assert out[("T", 1)].shape == (2, 4, 4)
 
 
-def test_disp_to_depth_range_and_inverse():
+def test_depth_range_inverse_mapping_and_its_inverse():
+    r = DepthRange(0.1, 100.0, "inverse")
     disp = torch.tensor([0.0, 0.5, 1.0])
-    scaled, depth = disp_to_depth(disp, 0.1, 100.0)
+    depth = r.depth(disp)
     assert torch.allclose(depth[[0, 2]], torch.tensor([100.0, 0.1]))
-    assert torch.allclose(scaled, 1 / depth)
-    assert torch.allclose(depth_to_disp(depth, 0.1, 100.0), disp, atol=1e-6)
+    assert torch.allclose(1 / depth[1], torch.tensor((0.01 + 10.0) / 2))  # linear in inverse depth
+    assert torch.allclose(r.sigmoid(depth), disp, atol=1e-6)
 
 
-def test_disp_to_depth_log_mapping_is_geometric():
+def test_depth_range_log_mapping_is_geometric():
+    r = DepthRange(0.1, 100.0, "log")
     disp = torch.tensor([0.0, 0.5, 1.0])
-    scaled, depth = disp_to_depth(disp, 0.1, 100.0, "log")
+    depth = r.depth(disp)
     # ends at the range limits, the middle at their geometric mean (sqrt(0.1 * 100))
     assert torch.allclose(depth, torch.tensor([100.0, 10.0**0.5, 0.1]), rtol=1e-5)
-    assert torch.allclose(scaled, 1 / depth)
-    assert torch.allclose(depth_to_disp(depth, 0.1, 100.0, "log"), disp, atol=1e-6)
+    assert torch.allclose(r.sigmoid(depth), disp, atol=1e-6)
+    # a bf16 network output is read in float32
+    assert r.depth(disp.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="mapping"):
-        disp_to_depth(disp, 0.1, 100.0, "linear")
+        DepthRange(0.1, 100.0, "linear")
+    with pytest.raises(ValueError, match="min_depth"):
+        DepthRange(10.0, 1.0)
+
+
+def test_depth_range_round_trips_through_exports_and_reads_old_ones():
+    r = DepthRange(0.5, 80.0, "log")
+    assert DepthRange.from_dict(r.to_dict()) == r
+    assert DepthRange.from_dict([0.1, 100.0]) == DepthRange(0.1, 100.0, "inverse")  # exports before the mapping
+    assert DepthRange.from_dict([0.5, 80.0, "log"]) == r
 
 
 # ----------------------------------------------------------------------------- pose convention

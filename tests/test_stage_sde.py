@@ -7,8 +7,8 @@ import sys
 
 import torch
 
+from sdeseg.launch import run_in_process
 from sdeseg.runtime.engine import init_single_process_group
-from sdeseg.runtime.launch import run_in_process
 from tests.conftest import tiny_config
 
 

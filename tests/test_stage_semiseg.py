@@ -7,7 +7,7 @@ import torch
 
 from sdeseg.config import ConfigError
 from sdeseg.data.manifest import DatasetError
-from sdeseg.runtime.launch import run_in_process
+from sdeseg.launch import run_in_process
 from tests.conftest import tiny_config
 
 

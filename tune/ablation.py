@@ -5,8 +5,9 @@
 
 Every row trains the same preset (``demo_semiseg`` by default) for the same number of
 steps on the same labeled subset size, changing only the components; each run's
-``summary.json`` is collected into ``<out>/ablation.md`` (mean and per-seed mIoU, and the
-IoU of the thin classes the method should lift). Runs that already finished are reused,
+``summary.json`` is collected into ``<out>/ablation.md`` (mean and per-seed mIoU on the
+held-out test split, the val mIoU for development, and the test IoU of the thin classes the
+method should lift). Runs that already finished are reused,
 so an interrupted grid resumes. The extra row ``"supervised, every label (upper bound)"``
 (only when named in ``--rows``) trains the baseline on every label of the split: at equal
 steps, what the unlabeled images could add at most.
@@ -43,7 +44,7 @@ THIN = ("pole", "traffic sign", "person")
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, list[dict]]:
-    from sdeseg.runtime.launch import run_stage
+    from sdeseg.launch import run_stage
 
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
@@ -87,13 +88,25 @@ def _slug(text: str) -> str:
 
 
 def write_table(out: Path, results: dict[str, list[dict]], args: argparse.Namespace) -> Path:
-    lines = ["| components | mIoU (mean) | per seed | " + " | ".join(f"IoU {c}" for c in THIN) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in THIN) + " |"]
+    """The table of a grid: claims on the test split (``test/seg/...``), the val mIoU beside it
+    for development. Runs made before the test split existed show "n/a" for test."""
+
+    def pct(runs: list[dict], key: str) -> list[float] | None:
+        vals = [r.get(key) for r in runs]
+        return None if any(v is None for v in vals) else [100 * v for v in vals]
+
+    def fmt(vals: list[float] | None) -> str:
+        return "n/a" if vals is None else f"{statistics.mean(vals):.1f}"
+
+    lines = ["| components | test mIoU (mean) | test per seed | val mIoU (mean) | "
+             + " | ".join(f"test IoU {c}" for c in THIN) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in THIN) + " |"]
     for row, runs in results.items():
-        mious = [100 * r["seg/miou"] for r in runs]
-        thin = [statistics.mean(100 * (r.get(f"seg/iou/{c}") or 0.0) for r in runs) for c in THIN]
-        lines.append(f"| {row} | {statistics.mean(mious):.1f} | {', '.join(f'{m:.1f}' for m in mious)} | "
-                     + " | ".join(f"{t:.1f}" for t in thin) + " |")
+        test = pct(runs, "test/seg/miou")
+        per_seed = "n/a" if test is None else ", ".join(f"{m:.1f}" for m in test)
+        thin = [fmt(pct(runs, f"test/seg/iou/{c}")) for c in THIN]
+        lines.append(f"| {row} | {fmt(test)} | {per_seed} | {fmt(pct(runs, 'seg/miou'))} | "
+                     + " | ".join(thin) + " |")
     path = Path(out) / "ablation.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -25,7 +25,6 @@ from sdeseg.data.classes import class_names
 from sdeseg.data.reader import ValLoader
 from sdeseg.exports import load_depth_model
 from sdeseg.mixing import invalid_depth_as_far, mix_partners
-from sdeseg.models.depth_decoder import disp_to_depth
 from sdeseg.ops import depth_mix
 
 
@@ -76,7 +75,7 @@ class KeepStats:
 def probe(root: str, sde_export: str, split: str = "train", images: int = 128, batch: int = 8,
           eps: float = 0.0, seed: int = 0) -> KeepStats:
     """Run the probe over the first ``images`` labeled images of ``split`` that have depth."""
-    model, (min_depth, max_depth, mapping) = load_depth_model(sde_export)
+    model, depth_range = load_depth_model(sde_export)
     names = class_names()
     stats = KeepStats(len(names))
     gen = torch.Generator().manual_seed(seed)
@@ -85,7 +84,7 @@ def probe(root: str, sde_export: str, split: str = "train", images: int = 128, b
         if b.label is None or b.depth is None:
             raise ValueError(f"{root}: split {split!r} needs labels and ground-truth depth for this probe")
         perm = mix_partners(len(b), gen)
-        pseudo = disp_to_depth(model(b.images[0])[("disp", 0)], min_depth, max_depth, mapping)[1]
+        pseudo = depth_range.depth(model(b.images[0])[("disp", 0)])
         stats.update(b.label, keep_mask(pseudo, perm, eps), keep_mask(b.depth, perm, 0.0), perm)
     return stats
 

@@ -14,16 +14,17 @@ distributed runtime.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 
 from sdeseg.config import load_config
-from sdeseg.data.reader import ShardStream
 from sdeseg.losses.depth import sde_loss
-from sdeseg.models.sde import build_sde_model
+from sdeseg.models import build_sde_model
 from sdeseg.optim import build_optimizer, param_groups
+from sdeseg.runtime import StageContext
 from sdeseg.stages.sde import SOURCE_FRAMES, validate
 
 
@@ -42,18 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     model = build_sde_model(cfg.model)
     opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
-    d = cfg.data
-    stream = ShardStream(d.root, d.train_split, domain=d.domain, batch_size=d.batch_size, crop=d.size,
-                         augment=d.augment, num_workers=0, seed=cfg.train.seed, frames=(-1, 0, 1))
-    # what validate() reads of a stage context, for one process without a process group
-    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_reduce_sum=lambda t: t)
+    # a world of one without a process group: validate() only reduces when world_size > 1
+    ctx = StageContext(cfg, Path(tempfile.mkdtemp(prefix="sde_probe_")), 0, 1, torch.device("cpu"))
+    stream = ctx.train_stream(frames=(-1, 0, 1), num_workers=0)
     print("| step | wall s | photometric loss | abs_rel / baseline | a1 (baseline) |\n|---|---|---|---|---|")
     start = time.perf_counter()
     for step, batch in enumerate(stream, 1):
         outputs = model(batch.images_aug)
         if args.gt_pose:
             outputs.update({("T", f): batch.T[f] for f in SOURCE_FRAMES})
-        losses = sde_loss(batch.images, outputs, batch.K, batch.inv_K, cfg.depth_loss, frame_ids=SOURCE_FRAMES)
+        losses = sde_loss(batch.images, outputs, batch.K, batch.inv_K, cfg.depth_loss, frame_ids=SOURCE_FRAMES).terms
         opt.zero_grad()
         losses["depth/total"].backward()
         opt.step()

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sdeseg.config import load_config, resolve_preset
-    from sdeseg.runtime.launch import run_stage
+    from sdeseg.launch import run_stage
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / resolve_preset(args.config).stem)

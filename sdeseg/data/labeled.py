@@ -94,6 +94,25 @@ def random_labeled_keys(root: str, split: str, n: int, seed: int, domain: str | 
     return sorted(candidates[i] for i in pick)
 
 
+def check_labeled_keys(index: ShardIndex, root: str, keys: list[str]) -> None:
+    """Raise DatasetError unless ``keys`` is a non-empty list of distinct keys of labeled samples of ``root``."""
+    if not keys:
+        raise DatasetError("the labeled key list is empty")
+    dupes = sorted(k for k, c in Counter(keys).items() if c > 1)
+    if dupes:
+        raise DatasetError(f"the labeled key list repeats {len(dupes)} key(s), e.g. {dupes[:5]}")
+    unknown = sorted(k for k in keys if k not in index.rows)
+    if unknown:
+        raise unknown_keys_error(root, unknown, None, None)
+    unlabeled = sorted(k for k in keys if not index.rows[k]["has_label"])
+    if unlabeled:
+        raise DatasetError(
+            f"{len(unlabeled)} key(s) of the labeled list have no label in "
+            f"{join(root, 'manifest.parquet')}: "
+            f"{', '.join(unlabeled[:5])}{', ...' if len(unlabeled) > 5 else ''}"
+        )
+
+
 class LabeledPool:
     """Endless seeded batches drawn from a fixed list of labeled samples held in memory.
 
@@ -136,22 +155,8 @@ class LabeledPool:
         if batch_size < 1 or seed < 0:
             raise ValueError("need batch_size >= 1 and seed >= 0")
         keys = list(keys)
-        if not keys:
-            raise DatasetError("the labeled key list is empty")
-        dupes = sorted(k for k, c in Counter(keys).items() if c > 1)
-        if dupes:
-            raise DatasetError(f"the labeled key list repeats {len(dupes)} key(s), e.g. {dupes[:5]}")
         index = ShardIndex.load(root)
-        unknown = sorted(k for k in keys if k not in index.rows)
-        if unknown:
-            raise unknown_keys_error(root, unknown, None, None)
-        unlabeled = sorted(k for k in keys if not index.rows[k]["has_label"])
-        if unlabeled:
-            raise DatasetError(
-                f"{len(unlabeled)} key(s) of the labeled list have no label in "
-                f"{join(root, 'manifest.parquet')}: "
-                f"{', '.join(unlabeled[:5])}{', ...' if len(unlabeled) > 5 else ''}"
-            )
+        check_labeled_keys(index, root, keys)
         self.keys = sorted(keys)
         self.root, self.batch_size, self.crop, self.augment = root, batch_size, crop, augment
         self.seed, self.rank, self.world_size, self.frames = seed, rank, world_size, tuple(frames)

@@ -1,6 +1,9 @@
-"""Losses: pure functions returning namespaced dicts of scalar terms (``depth/photo``,
-``depth/smooth``, ``seg/sup``, ``seg/unsup``, ...), each already weighted."""
+"""Losses: pure functions returning a :class:`LossOutput` — ``terms``, a namespaced dict of
+weighted scalar terms (``depth/photo``, ``depth/smooth``, ``seg/sup``, ``seg/unsup``, ...), and
+``stats``, detached statistics that are not part of the loss (confident fraction, warped
+frames, auto-masks). Losses are computed in float32 whatever precision the network ran in."""
 
+from sdeseg.losses.common import LossOutput
 from sdeseg.losses.depth import edge_aware_smoothness, feature_distance, sde_loss
 from sdeseg.losses.seg import (
     cross_entropy,
@@ -12,6 +15,7 @@ from sdeseg.losses.seg import (
 )
 
 __all__ = [
+    "LossOutput",
     "cross_entropy",
     "edge_aware_smoothness",
     "feature_distance",

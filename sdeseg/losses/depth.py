@@ -20,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdeseg.camera import scale_intrinsics
 from sdeseg.config import DepthLossConfig
-from sdeseg.models.depth_decoder import disp_to_depth
+from sdeseg.losses.common import LossOutput
+from sdeseg.models.depth_decoder import DepthRange
 from sdeseg.ops import inverse_warp, photometric_error
 
 IDENTITY_NOISE = 1e-5  # breaks exact ties between identity and warped errors (Monodepth2)
@@ -57,11 +59,10 @@ def sde_loss(
     cfg: DepthLossConfig,
     frame_ids: Sequence[int] = (-1, 1),
     *,
-    extras: dict | None = None,
     imagenet_encoder: nn.Module | None = None,
     encoder_input: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
+) -> LossOutput:
     """Photometric + smoothness (+ ImageNet feature-distance) loss of an SDE forward pass.
 
     Args:
@@ -78,9 +79,6 @@ def sde_loss(
             feature-distance weight). ``cfg.weight`` is *not* applied here: it weighs the
             whole depth loss against segmentation in the multi-task stage.
         frame_ids: source frames warped into frame 0.
-        extras: if a dict is given, it receives detached tensors for visualisation:
-            ``("warped", f, s)`` (B,3,H,W) warped neighbours and ``("automask", s)``
-            (B,1,H,W) 1 where a warped frame won (pixel used), 0 where identity won (masked).
         imagenet_encoder: frozen ImageNet encoder (see ``frozen_imagenet_encoder``), needed
             when ``cfg.feature_distance > 0``.
         encoder_input: what the student encoder saw, fed to ``imagenet_encoder`` (default
@@ -88,44 +86,48 @@ def sde_loss(
         generator: RNG for the tie-breaking noise (default: the global RNG).
 
     Returns:
-        ``depth/photo``, ``depth/smooth`` (already multiplied by its weight),
-        ``depth/feat`` (only when ``cfg.feature_distance > 0``, weighted) and
-        ``depth/total`` = their sum; all scalars.
+        :class:`LossOutput`. ``terms``: ``depth/photo``, ``depth/smooth`` (already multiplied by
+        its weight), ``depth/feat`` (only when ``cfg.feature_distance > 0``, weighted) and
+        ``depth/total`` = their sum; all float32 scalars (network outputs in bf16/fp16 are
+        upcast first). ``stats`` (detached, for visualisation): ``("warped", f, s)`` (B,3,H',W')
+        warped neighbours and ``("automask", s)`` (B,1,H',W') 1 where a warped frame won (pixel
+        used), 0 where identity won (masked); H',W' is the input size, or scale s's with the pyramid.
     """
     if inv_K is not None and inv_K.shape != K.shape:
         raise ValueError(f"sde_loss: inv_K must be shaped like K {tuple(K.shape)}, got {tuple(inv_K.shape)}")
     target = images[0]
     h, w = target.shape[-2:]
+    depth_range = DepthRange.from_config(cfg)
     alpha = cfg.ssim_weight
     pyramid = cfg.scale_mode == "pyramid"
     frames, scale_K = {f: images[f] for f in (0, *frame_ids)}, K
     identity = _identity_error(frames, frame_ids, alpha, generator) if cfg.automask and not pyramid else None
 
     photo_terms, smooth_terms = [], []
+    stats: dict = {}
     for s in range(cfg.num_scales):
-        disp = outputs[("disp", s)]
+        disp = outputs[("disp", s)].float()
         size = tuple(disp.shape[-2:])
         small = _resize(target, size)  # frame 0 at this scale: smoothness edges (and pyramid target)
         if pyramid:  # compare at the disparity's own resolution
             frames = {0: small, **{f: _resize(images[f], size) for f in frame_ids}}
-            scale_K = _scale_K(K, (h, w), size)
+            scale_K = scale_intrinsics(K, (h, w), size)
             identity = _identity_error(frames, frame_ids, alpha, generator) if cfg.automask else None
             disp_cmp = disp
         else:  # Monodepth2: upsample the disparity to the input resolution
             disp_cmp = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
-        _, depth = disp_to_depth(disp_cmp, cfg.min_depth, cfg.max_depth, cfg.disp_mapping)
-        warped = {f: inverse_warp(frames[f], depth, outputs[("T", f)], scale_K) for f in frame_ids}
+        depth = depth_range.depth(disp_cmp)
+        warped = {f: inverse_warp(frames[f], depth, outputs[("T", f)].float(), scale_K) for f in frame_ids}
         reproj = torch.cat([photometric_error(warped[f], frames[0], alpha=alpha) for f in frame_ids], 1)
         combined = reproj if identity is None else torch.cat([identity, reproj], 1)
         best, idx = combined.min(1, keepdim=True)
         photo_terms.append(best.mean())
         smooth_terms.append(cfg.smoothness / 2**s * edge_aware_smoothness(disp, small))
 
-        if extras is not None:
-            for f in frame_ids:
-                extras[("warped", f, s)] = warped[f].detach()
-            n_id = 0 if identity is None else identity.shape[1]
-            extras[("automask", s)] = (idx >= n_id).to(target.dtype).detach()
+        for f in frame_ids:
+            stats[("warped", f, s)] = warped[f].detach()
+        n_id = 0 if identity is None else identity.shape[1]
+        stats[("automask", s)] = (idx >= n_id).to(target.dtype).detach()
 
     losses = {
         "depth/photo": torch.stack(photo_terms).mean(),
@@ -136,7 +138,7 @@ def sde_loss(
             outputs, imagenet_encoder, target if encoder_input is None else encoder_input
         )
     losses["depth/total"] = sum(losses.values())
-    return losses
+    return LossOutput(losses, stats)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -144,17 +146,6 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _scale_K(K: torch.Tensor, src_hw, dst_hw) -> torch.Tensor:
-    """Intrinsics of a resized image (integer pixel coordinates = pixel centres, as
-    ``inverse_warp``; a resize maps centres as ``u' = (u + 0.5) * s - 0.5``)."""
-    if tuple(src_hw) == tuple(dst_hw):
-        return K
-    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-    scale = K.new_tensor([[sx, sx, sx], [sy, sy, sy], [0.0, 0.0, 1.0]])
-    shift = K.new_tensor([[0.0, 0.0, 0.5 * sx - 0.5], [0.0, 0.0, 0.5 * sy - 0.5], [0.0, 0.0, 0.0]])
-    return K * scale + shift
 
 
 def _identity_error(frames: dict[int, torch.Tensor], frame_ids, alpha: float, generator) -> torch.Tensor:
@@ -182,4 +173,4 @@ def feature_distance(
         raise KeyError("feature distance needs the encoder bottleneck outputs[('enc', 4)]")
     with torch.no_grad():
         ref = imagenet_encoder(x)[-1]
-    return torch.dist(outputs[("enc", 4)], ref, p=2)
+    return torch.dist(outputs[("enc", 4)].float(), ref.float(), p=2)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sdeseg.config import SemisegConfig
+from sdeseg.losses.common import LossOutput
 
 
 def _match_size(logits: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
@@ -21,12 +22,12 @@ def _match_size(logits: torch.Tensor, size: torch.Size | tuple[int, int]) -> tor
 
 
 def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Per-pixel cross-entropy (B,H,W); 0 at ignored pixels.
+    """Per-pixel cross-entropy (B,H,W) in float32; 0 at ignored pixels.
 
-    logits (B,C,h,w) are resized bilinearly to the label's (H,W) when they differ.
+    logits (B,C,h,w) (any float dtype) are resized bilinearly to the label's (H,W) when they differ.
     """
     return F.cross_entropy(
-        _match_size(logits, label.shape[-2:]), label.long(), ignore_index=ignore_index, reduction="none"
+        _match_size(logits.float(), label.shape[-2:]), label.long(), ignore_index=ignore_index, reduction="none"
     )
 
 
@@ -43,7 +44,7 @@ def cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int =
 
 def supervised_seg_loss(
     outputs: dict[tuple, torch.Tensor], label: torch.Tensor, cfg: SemisegConfig
-) -> dict[str, torch.Tensor]:
+) -> LossOutput:
     """Cross-entropy on ground truth.
 
     Args:
@@ -51,12 +52,13 @@ def supervised_seg_loss(
         label: (B,H,W) int train ids, ``cfg.ignore_index`` = ignore.
 
     Returns:
-        ``seg/sup`` and, when the model has an auxiliary head, ``seg/aux`` (× cfg.aux_weight).
+        :class:`LossOutput` with terms ``seg/sup`` and, when the model has an auxiliary head,
+        ``seg/aux`` (× cfg.aux_weight); no stats.
     """
     out = {"seg/sup": cross_entropy(outputs[("seg", 0)], label, cfg.ignore_index)}
     if ("seg_aux", 0) in outputs:
         out["seg/aux"] = cfg.aux_weight * cross_entropy(outputs[("seg_aux", 0)], label, cfg.ignore_index)
-    return out
+    return LossOutput(out, {})
 
 
 def pseudo_label_loss(
@@ -92,7 +94,7 @@ def pseudo_label_loss(
     """
     if weighting not in ("fraction", "pixel"):
         raise ValueError(f"weighting must be 'fraction' or 'pixel', got {weighting!r}")
-    probs = teacher_probs.detach()
+    probs = teacher_probs.detach().float()
     max_probs, pseudo = probs.max(1)
     pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
     confident = max_probs >= threshold
@@ -123,20 +125,16 @@ def pseudo_label_seg_loss(
     outputs: dict[tuple, torch.Tensor],
     teacher_probs: torch.Tensor,
     cfg: SemisegConfig,
-    extras: dict | None = None,
     step: int | None = None,
     pixel_weight: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """``seg/unsup`` = cfg.unsup_weight × :func:`unsup_rampup` × :func:`pseudo_label_loss` on
-    ``outputs[("seg", 0)]`` (no ramp when ``step`` is None; ``pixel_weight`` as there).
-
-    ``extras`` (if given) receives ``"seg/confident"``: the confident-pixel fraction q.
+) -> LossOutput:
+    """Term ``seg/unsup`` = cfg.unsup_weight × :func:`unsup_rampup` × :func:`pseudo_label_loss` on
+    ``outputs[("seg", 0)]`` (no ramp when ``step`` is None; ``pixel_weight`` as there); stat
+    ``seg/confident``: the confident-pixel fraction q.
     """
     loss, q = pseudo_label_loss(
         outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index, cfg.pseudo_weighting,
         pixel_weight,
     )
-    if extras is not None:
-        extras["seg/confident"] = q.detach()
     ramp = 1.0 if step is None else unsup_rampup(step, cfg.unsup_rampup_steps)
-    return {"seg/unsup": cfg.unsup_weight * ramp * loss}
+    return LossOutput({"seg/unsup": cfg.unsup_weight * ramp * loss}, {"seg/confident": q.detach()})

@@ -1,12 +1,21 @@
 """Networks: ResNet encoder, depth decoder, pose net, segmentation and multi-task models.
 
 Every model returns a dict keyed by tuples (``("disp", s)``, ``("seg", 0)``, ``("T", f)``)
-whose keys do not depend on flags, only on the inputs given.
+whose keys do not depend on flags, only on the inputs given. ``build.py`` builds them
+from the config; :class:`DepthRange` reads the disparity heads as metric depth.
 """
 
-from sdeseg.models.depth_decoder import DecoderBody, DepthDecoder, depth_to_disp, disp_to_depth
+from sdeseg.models.build import (
+    build_depth_model,
+    build_encoder,
+    build_multitask_model,
+    build_pose_net,
+    build_sde_model,
+    build_seg_model,
+)
+from sdeseg.models.depth_decoder import DecoderBody, DepthDecoder, DepthRange
 from sdeseg.models.ema import EMATeacher, ema_alpha
-from sdeseg.models.multitask import FeatureExchange, MultiTaskModel, build_multitask_model
+from sdeseg.models.multitask import FeatureExchange, MultiTaskModel
 from sdeseg.models.pose import PoseNet, rot_from_axisangle, transformation_from_parameters
 from sdeseg.models.resnet import (
     PretrainedMismatchError,
@@ -15,13 +24,14 @@ from sdeseg.models.resnet import (
     frozen_imagenet_encoder,
     load_pretrained,
 )
-from sdeseg.models.sde import DepthModel, SDEModel, build_depth_model, build_encoder, build_sde_model
-from sdeseg.models.seg import SegDecoder, SegModel, TransferReport, build_seg_model, transfer_from_sde
+from sdeseg.models.sde import DepthModel, SDEModel
+from sdeseg.models.seg import SegDecoder, SegModel, TransferReport, transfer_from_sde
 
 __all__ = [
     "DecoderBody",
     "DepthDecoder",
     "DepthModel",
+    "DepthRange",
     "EMATeacher",
     "FeatureExchange",
     "MultiTaskModel",
@@ -36,10 +46,9 @@ __all__ = [
     "build_depth_model",
     "build_encoder",
     "build_multitask_model",
+    "build_pose_net",
     "build_sde_model",
     "build_seg_model",
-    "depth_to_disp",
-    "disp_to_depth",
     "ema_alpha",
     "frozen_imagenet_encoder",
     "load_pretrained",

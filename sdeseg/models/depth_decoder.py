@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -152,35 +153,57 @@ class DepthDecoder(nn.Module):
         return out
 
 
-def disp_to_depth(
-    disp: torch.Tensor, min_depth: float, max_depth: float, mapping: str = "inverse"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map sigmoid output to depth in [min_depth, max_depth].
+@dataclass(frozen=True)
+class DepthRange:
+    """How the sigmoid output ``s`` of a disparity head maps to metric depth.
 
-    ``mapping="inverse"`` (Monodepth2) reads the sigmoid as an inverse depth between
-    1/max_depth and 1/min_depth; ``"log"`` reads it as a log-depth between
-    log(max_depth) (s = 0) and log(min_depth) (s = 1). Both are near for s -> 1.
-
-    Returns:
-        (scaled_disp, depth), both shaped like ``disp``; scaled_disp = 1 / depth.
+    ``mapping="inverse"`` (Monodepth2) reads ``s`` as an inverse depth linear between
+    1/max_depth (s = 0) and 1/min_depth (s = 1); ``"log"`` reads it as a log-depth linear
+    between log(max_depth) and log(min_depth), which puts street-scene depth ratios in the
+    sigmoid's linear range. Both are near for s -> 1. The SDE stage writes this object
+    into its exports (:meth:`to_dict`), so every later consumer reads depth the way the
+    network was trained.
     """
-    if mapping == "inverse":
-        min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
-        scaled = min_disp + (max_disp - min_disp) * disp
-        return scaled, 1.0 / scaled
-    if mapping == "log":
-        log_max = math.log(max_depth)
-        depth = torch.exp(log_max - (log_max - math.log(min_depth)) * disp)
-        return 1.0 / depth, depth
-    raise ValueError(f"disp_to_depth: mapping must be 'inverse' or 'log', got {mapping!r}")
 
+    min_depth: float = 0.1
+    max_depth: float = 100.0
+    mapping: str = "inverse"
 
-def depth_to_disp(depth: torch.Tensor, min_depth: float, max_depth: float, mapping: str = "inverse") -> torch.Tensor:
-    """Inverse of :func:`disp_to_depth`: the sigmoid output that gives ``depth``."""
-    if mapping == "inverse":
-        min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
-        return (1.0 / depth - min_disp) / (max_disp - min_disp)
-    if mapping == "log":
-        log_max = math.log(max_depth)
-        return (log_max - torch.log(depth)) / (log_max - math.log(min_depth))
-    raise ValueError(f"depth_to_disp: mapping must be 'inverse' or 'log', got {mapping!r}")
+    def __post_init__(self) -> None:
+        if self.mapping not in ("inverse", "log"):
+            raise ValueError(f"DepthRange: mapping must be 'inverse' or 'log', got {self.mapping!r}")
+        if not 0.0 < self.min_depth < self.max_depth:
+            raise ValueError(f"DepthRange: need 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
+
+    @classmethod
+    def from_config(cls, cfg) -> DepthRange:
+        """From a ``DepthLossConfig`` (``min_depth``, ``max_depth``, ``disp_mapping``)."""
+        return cls(float(cfg.min_depth), float(cfg.max_depth), str(cfg.disp_mapping))
+
+    @classmethod
+    def from_dict(cls, value: dict | list | tuple) -> DepthRange:
+        """Read :meth:`to_dict`'s form; also the ``[min, max(, mapping)]`` lists of exports written
+        before this object existed (two numbers meant the "inverse" mapping)."""
+        if isinstance(value, dict):
+            return cls(float(value["min_depth"]), float(value["max_depth"]), str(value["mapping"]))
+        return cls(float(value[0]), float(value[1]), str(value[2]) if len(value) > 2 else "inverse")
+
+    def to_dict(self) -> dict:
+        return {"min_depth": self.min_depth, "max_depth": self.max_depth, "mapping": self.mapping}
+
+    def depth(self, disp: torch.Tensor) -> torch.Tensor:
+        """Sigmoid output (any shape) -> depth in [min_depth, max_depth], computed in float32 or wider."""
+        disp = disp.float() if disp.dtype in (torch.float16, torch.bfloat16) else disp
+        if self.mapping == "inverse":
+            min_disp, max_disp = 1.0 / self.max_depth, 1.0 / self.min_depth
+            return 1.0 / (min_disp + (max_disp - min_disp) * disp)
+        log_max = math.log(self.max_depth)
+        return torch.exp(log_max - (log_max - math.log(self.min_depth)) * disp)
+
+    def sigmoid(self, depth: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`depth`: the sigmoid output that gives ``depth``."""
+        if self.mapping == "inverse":
+            min_disp, max_disp = 1.0 / self.max_depth, 1.0 / self.min_depth
+            return (1.0 / depth - min_disp) / (max_disp - min_disp)
+        log_max = math.log(self.max_depth)
+        return (log_max - torch.log(depth)) / (log_max - math.log(self.min_depth))

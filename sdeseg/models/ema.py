@@ -36,6 +36,7 @@ class EMATeacher:
         self.model = copy.deepcopy(student)
         self.model.eval()
         self.model.requires_grad_(False)
+        self.updates = 0  # calls of update(): one per optimizer step in the stages
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> float:
@@ -50,6 +51,7 @@ class EMATeacher:
         t_bufs = dict(self.model.named_buffers())
         for name, b in student.named_buffers():
             t_bufs[name].copy_(b)
+        self.updates += 1
         return alpha
 
     @torch.no_grad()
@@ -61,8 +63,9 @@ class EMATeacher:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "alpha_max": self.alpha_max}
+        return {"model": self.model.state_dict(), "alpha_max": self.alpha_max, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.alpha_max = float(state.get("alpha_max", self.alpha_max))
+        self.updates = int(state.get("updates", 0))

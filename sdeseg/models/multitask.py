@@ -17,18 +17,15 @@ An auxiliary segmentation head reads the segmentation features before the exchan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn as nn
 
-from sdeseg.config import ModelConfig
 from sdeseg.models.depth_decoder import LEVELS, DepthDecoder
 from sdeseg.models.layers import resize_to
-from sdeseg.models.pose import FRAME_IDS, PoseNet
+from sdeseg.models.pose import PoseNet
 from sdeseg.models.resnet import ResNetEncoder
-from sdeseg.models.sde import Frames, as_frames, build_depth_decoder, build_encoder, build_pose_net
-from sdeseg.models.seg import SegDecoder, build_seg_decoder
+from sdeseg.models.sde import Frames, as_frames
+from sdeseg.models.seg import SegDecoder
 
 
 class FeatureExchange(nn.Module):
@@ -127,19 +124,3 @@ class MultiTaskModel(nn.Module):
         if self.pose is not None:
             out.update(self.pose(images, [f for f in self.pose.frame_ids if f in images]))
         return out
-
-
-def build_multitask_model(
-    cfg: ModelConfig, with_pose: bool = True, frame_ids: Sequence[int] = FRAME_IDS
-) -> MultiTaskModel:
-    """Multi-task model from the config (``cfg.exchange_level``), with a pose net unless
-    ``with_pose=False`` (e.g. no sequences in the data)."""
-    enc = build_encoder(cfg)
-    return MultiTaskModel(
-        enc,
-        build_depth_decoder(cfg, enc),
-        build_seg_decoder(cfg, enc),
-        cfg.num_classes,
-        exchange_level=cfg.exchange_level,
-        pose=build_pose_net(cfg, frame_ids) if with_pose else None,
-    )

@@ -159,10 +159,14 @@ class PoseNet(nn.Module):
         b = images[0].shape[0]
         # all pairs through the encoder as one batch: one pass instead of len(frame_ids)
         axisangle, translation = self.decoder(self.encoder(torch.cat(pairs, 0))[-1])
+        # the pose matrices are geometry: float32 even when the network runs in bf16/fp16
+        # (a bf16 rotation is off by ~1e-2 and makes the warps inconsistent)
+        axisangle, translation = axisangle.float(), translation.float()
         out: dict[tuple, torch.Tensor] = {}
-        for k, f in enumerate(frame_ids):
-            aa, tr = axisangle[k * b : (k + 1) * b], translation[k * b : (k + 1) * b]
-            out[("axisangle", f)] = aa
-            out[("translation", f)] = tr
-            out[("T", f)] = transformation_from_parameters(aa, tr, invert=f < 0)
+        with torch.autocast(axisangle.device.type, enabled=False):
+            for k, f in enumerate(frame_ids):
+                aa, tr = axisangle[k * b : (k + 1) * b], translation[k * b : (k + 1) * b]
+                out[("axisangle", f)] = aa
+                out[("translation", f)] = tr
+                out[("T", f)] = transformation_from_parameters(aa, tr, invert=f < 0)
         return out

@@ -6,15 +6,12 @@ single ``forward`` call goes through the engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn as nn
 
-from sdeseg.config import ModelConfig
 from sdeseg.models.depth_decoder import DepthDecoder
-from sdeseg.models.pose import FRAME_IDS, PoseNet
-from sdeseg.models.resnet import ResNetEncoder, load_pretrained, resnet_depth
+from sdeseg.models.pose import PoseNet
+from sdeseg.models.resnet import ResNetEncoder
 
 Frames = dict[int, torch.Tensor]
 
@@ -66,41 +63,3 @@ class SDEModel(nn.Module):
         frame_ids = [f for f in self.pose.frame_ids if f in images]
         out.update(self.pose(images, frame_ids))
         return out
-
-
-def build_encoder(cfg: ModelConfig) -> ResNetEncoder:
-    """The main encoder from the config, with ImageNet weights when ``cfg.pretrained`` is set."""
-    enc = ResNetEncoder(resnet_depth(cfg.encoder), width=cfg.width, dilate_last=cfg.dilate_last)
-    if cfg.pretrained is not None:
-        load_pretrained(enc, cfg.pretrained)
-    return enc
-
-
-def build_depth_decoder(cfg: ModelConfig, encoder: ResNetEncoder) -> DepthDecoder:
-    return DepthDecoder(
-        encoder.num_ch_enc, cfg.decoder_channels, aspp=cfg.aspp, output_stride=encoder.output_stride,
-        init_disp=cfg.init_disp,
-    )
-
-
-def build_pose_net(cfg: ModelConfig, frame_ids: Sequence[int] = FRAME_IDS) -> PoseNet:
-    """Pose net from the config. Starts from scratch: ``cfg.pretrained`` is for the main
-    encoder's architecture, which the pose encoder generally does not share."""
-    return PoseNet(
-        resnet_depth(cfg.pose_encoder),
-        width=cfg.pose_width,
-        rot_scale=cfg.pose_rot_scale,
-        trans_scale=cfg.pose_trans_scale,
-        frame_ids=frame_ids,
-        init_forward=cfg.pose_init_forward,
-    )
-
-
-def build_depth_model(cfg: ModelConfig) -> DepthModel:
-    enc = build_encoder(cfg)
-    return DepthModel(enc, build_depth_decoder(cfg, enc))
-
-
-def build_sde_model(cfg: ModelConfig, frame_ids: Sequence[int] = FRAME_IDS) -> SDEModel:
-    """Depth model + pose net as one module (see :class:`SDEModel`)."""
-    return SDEModel(build_depth_model(cfg), build_pose_net(cfg, frame_ids))

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from sdeseg.config import ModelConfig
 from sdeseg.models.depth_decoder import DecoderBody
 from sdeseg.models.resnet import ResNetEncoder
-from sdeseg.models.sde import Frames, as_frames, build_encoder
+from sdeseg.models.sde import Frames, as_frames
 
 HEAD_CHANNELS = 64  # channels of the classification head (the paper's head_inter_channels)
 HEAD_DROPOUT = 0.1
@@ -94,33 +93,6 @@ class SegModel(nn.Module):
         out = self.decoder(feats)
         out.update({("enc", k): f for k, f in enumerate(feats)})
         return out
-
-
-def build_seg_decoder(cfg: ModelConfig, encoder: ResNetEncoder) -> SegDecoder:
-    return SegDecoder(
-        encoder.num_ch_enc,
-        cfg.num_classes,
-        cfg.decoder_channels,
-        aspp=cfg.aspp,
-        output_stride=encoder.output_stride,
-        head_channels=cfg.seg_head_channels,
-    )
-
-
-def build_seg_model(cfg: ModelConfig) -> nn.Module:
-    """The segmentation network of the semi-supervised stage.
-
-    :class:`SegModel` or, with ``cfg.multitask``, :class:`~sdeseg.models.multitask.MultiTaskModel`
-    (which also predicts depth and pose). Both take the same input and return
-    ``("seg", 0)``; the multi-task model returns more keys.
-    """
-    if cfg.multitask:
-        # imported here: multitask.py builds on this module
-        from sdeseg.models.multitask import build_multitask_model
-
-        return build_multitask_model(cfg)
-    enc = build_encoder(cfg)
-    return SegModel(enc, build_seg_decoder(cfg, enc))
 
 
 # ----------------------------------------------------------------------------- transfer

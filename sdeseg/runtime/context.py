@@ -1,12 +1,25 @@
-"""What a stage gets from the runtime: rank, device, engine, checkpoints, logging, collectives.
+"""What a stage gets from the runtime: rank, device, engine, data, checkpoints, logging, collectives.
 
 A stage (``sdeseg/stages/*.py``) is ``run(cfg, ctx) -> StageResult`` and never imports
-ray or deepspeed; the same stage runs under Ray Train (``RayBackend``) and in-process
-(``LocalBackend``, a world of one) with identical code.
+ray or deepspeed; the same stage runs under Ray Train (``backend="ray"``) and in-process
+(``"local"``, a world of one) with identical code. The stage's loop stays explicit:
+
+    state = TrainState(engine, shared={"progress": progress}, per_rank={"reader": stream})
+    ctx.restore(state)                      # every part, and the RNG states, from the latest checkpoint
+    while progress.step < cfg.train.steps:
+        ...                                 # grad_accum micro-batches, one optimizer step
+        progress.step += 1
+        ctx.end_step(progress.step, meter, engine)
+        val_due, ckpt_due = ctx.due(progress.step)
+        if val_due or ckpt_due:
+            ctx.sync_buffers(engine.module)  # the ranks agree before validating, exporting, saving
+        ...
+        ctx.report(progress.step, metrics, state if ckpt_due else None)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -18,11 +31,14 @@ import torch
 
 from sdeseg.config import Config
 from sdeseg.optim import assert_finite
-from sdeseg.runtime.checkpoint import LocalCheckpoints, load_engine_checkpoint, save_engine_checkpoint
+from sdeseg.runtime.checkpoint import LocalCheckpoints, TrainState, load_train_state, save_train_state
 from sdeseg.runtime.engine import build_engine, engine_lrs
 from sdeseg.runtime.telemetry import MetricLogger, NullLogger
 
-FAULT_ENV = "SDESEG_FAULT_AT_STEP"  # test hook: rank 1 (or 0 in a world of one) dies once at this step
+# Fault injection for the fault-tolerance tests, read by the runtime (never by a stage):
+# with SDESEG_FAULT_AT_STEP=N, rank 1 (rank 0 in a world of one) exits hard once after step N.
+FAULT_ENV = "SDESEG_FAULT_AT_STEP"
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -46,24 +62,83 @@ class StageContext:
         self.logger = MetricLogger(self.run_dir, cfg.runtime.metrics_port) if self.is_main else NullLogger()
         self._local_ckpts = LocalCheckpoints(self.run_dir)
 
-    # ------------------------------------------------------------------ engine and resume
+    # ------------------------------------------------------------------ engine and precision
 
     def build_engine(self, model: torch.nn.Module, groups: list[dict]):
         """DeepSpeed engine around ``model`` (see ``sdeseg.runtime.engine``)."""
-        return build_engine(model.to(self.device), groups, self.cfg, self.world_size)
+        return build_engine(model, groups, self.cfg, self.world_size, self.device)
 
-    def restore(self, engine) -> tuple[dict, dict] | None:
-        """Load the latest checkpoint into ``engine``; return (client_state, rank_state) or None."""
+    def autocast(self):
+        """``runtime.precision``'s autocast for forward passes outside the engine (EMA teacher,
+        frozen depth net, validation); the engine's own forward is autocast by DeepSpeed.
+        Losses are computed outside it, in float32."""
+        dtype = AUTOCAST.get(self.cfg.runtime.precision)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ data
+
+    def train_stream(self, frames: tuple[int, ...] = (-1, 0, 1), labels: bool = True, **overrides: Any):
+        """This rank's endless training stream of ``data.train_split`` (``sdeseg.data.reader.ShardStream``)."""
+        from sdeseg.data.reader import ShardStream
+
+        d = self.cfg.data
+        kwargs: dict[str, Any] = dict(
+            domain=d.domain, batch_size=d.batch_size, crop=d.size, augment=d.augment, rank=self.rank,
+            world_size=self.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+            seed=self.cfg.train.seed, frames=frames, labels=labels, max_corrupt_fraction=d.max_corrupt_fraction,
+        )
+        kwargs.update(overrides)
+        return ShardStream(d.root, d.train_split, **kwargs)
+
+    def val_loader(self, split: str | None = None, frames: tuple[int, ...] = (0,), max_batches: int | None = None):
+        """This rank's share of an evaluation split (default ``data.val_split``, capped at
+        ``train.val_batches`` batches per rank), full resolution, no augmentation."""
+        from sdeseg.data.reader import ValLoader
+
+        d = self.cfg.data
+        return ValLoader(
+            d.root, split or d.val_split, batch_size=d.val_batch_size, rank=self.rank, world_size=self.world_size,
+            domain=d.domain, frames=frames, max_corrupt_fraction=d.max_corrupt_fraction,
+            max_batches=self.cfg.train.val_batches if max_batches is None else max_batches,
+        )
+
+    def has_split(self, split: str | None) -> bool:
+        """Whether the dataset holds samples of ``split`` (in ``data.domain``)."""
+        from sdeseg.data.shardio import ShardIndex
+
+        return split is not None and bool(ShardIndex.load(self.cfg.data.root).select(split, self.cfg.data.domain))
+
+    def labeled_pool(self, keys: list[str]):
+        """This rank's endless batches of the labeled subset ``keys`` (``sdeseg.data.labeled.LabeledPool``)."""
+        from sdeseg.data.labeled import LabeledPool
+
+        d = self.cfg.data
+        return LabeledPool(d.root, keys, batch_size=d.labeled_batch_size, crop=d.size, augment=d.augment,
+                           seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self, state: TrainState) -> bool:
+        """Load every part of ``state`` and this rank's RNG states from the latest checkpoint.
+
+        Returns False (and changes nothing) when the run has no checkpoint yet.
+        """
         if self.backend == "ray":
             import ray.train
 
             ckpt = ray.train.get_checkpoint()
             if ckpt is None:
-                return None
+                return False
             with ckpt.as_directory() as d:
-                return load_engine_checkpoint(engine, Path(d), self.rank)
-        latest = self._local_ckpts.latest()
-        return None if latest is None else load_engine_checkpoint(engine, latest, self.rank)
+                load_train_state(state, Path(d), self.rank)
+        else:
+            latest = self._local_ckpts.latest()
+            if latest is None:
+                return False
+            load_train_state(state, latest, self.rank)
+        progress = state.shared.get("progress")
+        self.log(getattr(progress, "step", 0), {"event/resumed": 1.0}, kind="event")
+        return True
 
     def due(self, step: int) -> tuple[bool, bool]:
         """(validation due, checkpoint due) after optimizer step ``step``; both at the last step."""
@@ -72,49 +147,41 @@ class StageContext:
         return (last or bool(t.val_every and step % t.val_every == 0),
                 last or bool(t.ckpt_every and step % t.ckpt_every == 0))
 
-    def log_progress(self, step: int, meter, engine) -> None:
-        """Every ``train.log_every`` steps: mean losses, throughput and learning rates; fail on NaN."""
-        t = self.cfg.train
-        if step % t.log_every and step != t.steps:
-            return
-        summary = meter.summary(self.world_size)
-        assert_finite(summary, step)
-        lrs = engine_lrs(engine)
-        self.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
-        meter.reset()
-
-    # ------------------------------------------------------------------ reporting
-
-    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
-        """Rank 0 writes metrics.jsonl / TensorBoard / Prometheus; other ranks do nothing."""
-        self.logger.log(step, metrics, kind)
-
-    def report(self, step: int, metrics: dict[str, Any], checkpoint: tuple[Any, dict, dict] | None = None) -> None:
-        """Report metrics (and optionally a checkpoint) — every rank must call this together.
-
-        ``checkpoint`` is ``(engine, client_state, rank_state)``: each rank saves its part.
-        """
+    def report(self, step: int, metrics: dict[str, Any], state: TrainState | None = None) -> None:
+        """Report metrics, with a checkpoint of ``state`` when given — every rank calls this together."""
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         metrics["step"] = step
         if self.backend == "ray":
             import ray.train
 
-            if checkpoint is None:
+            if state is None:
                 ray.train.report(metrics)
                 return
-            engine, client_state, rank_state = checkpoint
             with tempfile.TemporaryDirectory(prefix="sdeseg_ckpt_") as tmp:
-                save_engine_checkpoint(engine, Path(tmp), client_state, self.rank, rank_state)
+                save_train_state(state, Path(tmp), self.rank)
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"ckpt_{step:06d}"
                 )
             return
-        if checkpoint is not None:
-            engine, client_state, rank_state = checkpoint
-            self._local_ckpts.save(engine, step, client_state, self.rank, rank_state)
+        if state is not None:
+            self._local_ckpts.save(state, step, self.rank)
 
-    def maybe_inject_fault(self, step: int) -> None:
-        """Test hook for fault tolerance: with SDESEG_FAULT_AT_STEP=N one rank dies hard once at step N."""
+    # ------------------------------------------------------------------ per step
+
+    def end_step(self, step: int, meter, engine) -> None:
+        """After optimizer step ``step``: every ``train.log_every`` steps log mean losses,
+        throughput and learning rates (and fail on a non-finite loss); then the runtime's
+        fault-injection hook of the tests (``SDESEG_FAULT_AT_STEP``)."""
+        t = self.cfg.train
+        if step % t.log_every == 0 or step == t.steps:
+            summary = meter.summary(self.world_size)
+            assert_finite(summary, step)
+            lrs = engine_lrs(engine)
+            self.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
+            meter.reset()
+        self._maybe_inject_fault(step)
+
+    def _maybe_inject_fault(self, step: int) -> None:
         at = os.environ.get(FAULT_ENV)
         victim = 1 if self.world_size > 1 else 0
         if at is None or int(at) != step or self.rank != victim:
@@ -125,10 +192,16 @@ class StageContext:
         marker.write_text(json.dumps({"step": step, "rank": self.rank}))
         os._exit(17)
 
+    # ------------------------------------------------------------------ logging
+
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        """Rank 0 writes metrics.jsonl / TensorBoard / Prometheus; other ranks do nothing."""
+        self.logger.log(step, metrics, kind)
+
     # ------------------------------------------------------------------ collectives
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (in place on a device copy); identity in a world of one."""
+        """Sum over ranks (on a device copy); identity in a world of one."""
         if self.world_size == 1:
             return tensor
         import torch.distributed as dist
@@ -136,6 +209,32 @@ class StageContext:
         t = tensor.to(self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.to(tensor.device)
+
+    @torch.no_grad()
+    def sync_buffers(self, *modules: torch.nn.Module) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) of ``modules``
+        over the ranks, in place, so every rank holds the same model.
+
+        Parameters already agree (data-parallel gradients are all-reduced); buffers do not:
+        each rank's BatchNorm tracks its own batches. Call before validation (so the ranks
+        evaluate one model), exports and checkpoints (which keep rank 0's copy). One
+        all-reduce of all buffers, flattened. A no-op in a world of one.
+        """
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        bufs = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.detach().reshape(-1).to(self.device, torch.float32) for b in bufs])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for b in bufs:
+            n = b.numel()
+            b.copy_(flat[offset:offset + n].view_as(b))
+            offset += n
 
     def barrier(self) -> None:
         if self.world_size > 1:

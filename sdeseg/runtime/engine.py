@@ -17,6 +17,8 @@ import torch
 from sdeseg.config import Config
 from sdeseg.optim import build_optimizer, build_scheduler
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON for this run."""
@@ -34,10 +36,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
     if rt.grad_clip > 0:
         ds["gradient_clipping"] = rt.grad_clip
-    if rt.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif rt.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if rt.precision != "fp32":
+        # Mixed precision as torch autocast: parameters, optimizer state and losses stay fp32,
+        # the engine's forward runs matmuls/convs in bf16/fp16 (DeepSpeed adds the loss scaler
+        # for fp16). DeepSpeed's own "bf16"/"fp16" modes cast the parameters instead, which
+        # needs every input cast too and puts the geometry (K^-1, poses) in low precision.
+        ds["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[rt.precision]}
     return ds
 
 
@@ -58,13 +62,24 @@ def init_single_process_group() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_size: int):
+def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_size: int,
+                 device: torch.device):
     """Wrap ``model`` in a DeepSpeed engine with the config's optimizer and schedule.
+
+    With ``runtime.sync_batchnorm`` on CUDA ranks (NCCL) the BatchNorm layers become
+    SyncBatchNorm (statistics over the global batch; the parameters are shared, so
+    ``groups`` stays valid). SyncBatchNorm has no CPU kernel: CPU ranks keep per-rank
+    statistics and the stage averages the buffers before validating, exporting or saving
+    (``StageContext.sync_buffers``).
 
     Returns the DeepSpeed engine: ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``,
     ``engine.module``, ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
     """
     import deepspeed
+
+    if cfg.runtime.sync_batchnorm and world_size > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
 
     # deepspeed_shm_comm only serves CPU inference all-reduce; skip its ~40 s JIT build
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

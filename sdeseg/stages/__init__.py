@@ -1,8 +1,10 @@
-"""Training stages: each module has ``run(cfg, ctx) -> StageResult``."""
+"""Training stages: each module has ``run(cfg, ctx) -> StageResult`` and may have
+``preflight(cfg)``, the checks the launcher runs before any worker starts."""
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 STAGES = {
     "sde": "sdeseg.stages.sde",
@@ -10,7 +12,7 @@ STAGES = {
 }
 
 
-def stage_fn(name: str):
+def stage_module(name: str) -> ModuleType:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    return importlib.import_module(STAGES[name]).run
+    return importlib.import_module(STAGES[name])

@@ -103,8 +103,8 @@ def inverse_warp(src: Tensor, depth: Tensor, T: Tensor, K: Tensor) -> Tensor:
 
     Returns:
         (B,C,H,W) src sampled bilinearly (border padding) at the projections of the target
-        pixels, in src's dtype. Geometry is computed in fp32 (the reference uses depth's dtype
-        and rounds the sampling grid to src's dtype).
+        pixels, in src's dtype. Geometry and sampling are computed in fp32 (so does the reference,
+        or in float64 for float64 inputs).
     """
     check_warp_args(src, depth, T, K)
     return inverse_warp_op(src, depth, T, K)

@@ -32,7 +32,9 @@ def project_coords(depth: torch.Tensor, T: torch.Tensor, K: torch.Tensor) -> tor
         (B,2,H,W) source coordinates (u, v) = (column, row).
     """
     b, _, h, w = depth.shape
-    dt = depth.dtype
+    # geometry in float32 at least: K^-1 and the projection lose whole pixels in bf16/fp16
+    dt = torch.promote_types(depth.dtype, torch.float32)
+    depth = depth.to(dt)
     v, u = torch.meshgrid(
         torch.arange(h, device=depth.device, dtype=dt), torch.arange(w, device=depth.device, dtype=dt), indexing="ij"
     )
@@ -65,5 +67,8 @@ def inverse_warp_reference(
     coords = project_coords(depth, T, K)
     gx = coords[:, 0] * (2.0 / max(w - 1, 1)) - 1.0
     gy = coords[:, 1] * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], dim=-1).to(src.dtype)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    # sampled in float32 at least (as the fused kernel does), returned in src's dtype
+    work = torch.promote_types(src.dtype, torch.float32)
+    grid = torch.stack([gx, gy], dim=-1).to(work)
+    out = F.grid_sample(src.to(work), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return out.to(src.dtype)

@@ -1,16 +1,20 @@
 """Run a stage: in-process (a world of one) or on a Ray cluster with Ray Train + DeepSpeed.
 
-``sdeseg train`` calls :func:`run_stage`. On Ray, the cluster is the one named by
-``RAY_ADDRESS`` (e.g. a KubeRay head) or a local one started here. Every worker
-parses the same config, builds a :class:`StageContext` and calls the stage.
-Checkpoints go through ``ray.train.report``; ``FailureConfig(max_failures)``
-restarts a failed worker group from the latest committed one, and re-running with
-the same run name and storage path resumes a stopped run.
+``sdeseg train`` calls :func:`run_stage`. First :func:`preflight` checks, in this
+process, everything that can be known before a worker starts (paths, the dataset, the
+stage's own ``preflight``), so bad input fails at once with a message naming the key or
+file. On Ray, the cluster is the one named by ``RAY_ADDRESS`` (e.g. a KubeRay head) or a
+local one started here. Every worker parses the same config, builds a
+:class:`StageContext` and calls the stage. Checkpoints go through ``ray.train.report``;
+``FailureConfig(max_failures)`` restarts a failed worker group from the latest committed
+one, and re-running with the same run directory resumes a stopped run
+(:func:`ray_run_name`).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +26,7 @@ import torch
 
 from sdeseg.config import Config, ConfigError, from_dict, save_config
 from sdeseg.runtime.context import FAULT_ENV, StageContext
-from sdeseg.stages import stage_fn
+from sdeseg.stages import stage_module
 
 log = logging.getLogger("sdeseg")
 PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, "RAY_AUTH_MODE")
@@ -51,7 +55,22 @@ def preflight(cfg: Config) -> Config:
     for key, path in files.items():
         if path is not None and "://" not in path and not Path(path).is_file():
             raise ConfigError(f"{key}: file {path} does not exist")
+    check = getattr(stage_module(cfg.stage), "preflight", None)
+    if check is not None:
+        check(cfg)
     return cfg
+
+
+def ray_run_name(run_dir: Path, storage_path: str | None, run_name: str | None = None) -> str:
+    """The Ray Train run name: ``runtime.run_name`` when set, else the run directory's name
+    plus a digest of the whole run directory and storage path. Ray resumes a run from
+    ``<storage>/<name>``: two run directories that share a last component (``/runs/a/semiseg``,
+    ``/runs/b/semiseg``) must never resume each other's checkpoints, and one directory must
+    always find its own."""
+    if run_name:
+        return run_name
+    digest = hashlib.sha256(f"{Path(run_dir).resolve()}\n{storage_path or ''}".encode()).hexdigest()[:12]
+    return f"{Path(run_dir).name}-{digest}"
 
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path) -> Path:
@@ -76,7 +95,7 @@ def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: 
     ctx = StageContext(cfg, run_dir, rank, world_size, device, backend=backend)
     start = time.perf_counter()
     try:
-        result = stage_fn(cfg.stage)(cfg, ctx)
+        result = stage_module(cfg.stage).run(cfg, ctx)
     finally:
         ctx.close()
     summary = dict(result.summary)
@@ -166,7 +185,7 @@ def run_on_ray(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if rt.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=rt.run_name or run_dir.name,
+            name=ray_run_name(run_dir, rt.storage_path, rt.run_name),
             storage_path=rt.storage_path or str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
