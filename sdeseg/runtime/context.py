@@ -79,16 +79,10 @@ class StageContext:
 
     def train_stream(self, frames: tuple[int, ...] = (-1, 0, 1), labels: bool = True, **overrides: Any):
         """This rank's endless training stream of ``data.train_split`` (``sdeseg.data.reader.ShardStream``)."""
-        from sdeseg.data.reader import ShardStream
+        from sdeseg.data.reader import make_loader
 
-        d = self.cfg.data
-        kwargs: dict[str, Any] = dict(
-            domain=d.domain, batch_size=d.batch_size, crop=d.size, augment=d.augment, rank=self.rank,
-            world_size=self.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-            seed=self.cfg.train.seed, frames=frames, labels=labels, max_corrupt_fraction=d.max_corrupt_fraction,
-        )
-        kwargs.update(overrides)
-        return ShardStream(d.root, d.train_split, **kwargs)
+        return make_loader(self.cfg.data, rank=self.rank, world_size=self.world_size, seed=self.cfg.train.seed,
+                           frames=frames, labels=labels, **overrides)
 
     def val_loader(self, split: str | None = None, frames: tuple[int, ...] = (0,), max_batches: int | None = None):
         """This rank's share of an evaluation split (default ``data.val_split``, capped at
