@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdeseg.data.augment import Jitter, color_jitter
 from sdeseg.ops import depth_mix
 
 
@@ -222,31 +223,12 @@ def rebalance_weights(
 
 # ----------------------------------------------------------------------------- strong augmentation
 
-# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_GRAY = torch.tensor([0.299, 0.587, 0.114])
-
-
-def _colour_jitter(x: torch.Tensor, s: float, u: torch.Tensor) -> torch.Tensor:
-    """Jitter one image x (3,H,W) in [0, 1] with strength s; u holds 4 uniforms in [0, 1).
-
-    Brightness, contrast and saturation factors in [1-s, 1+s]; hue shift in [-s, s] of a
-    full turn (the magnitudes of the paper's kornia ColorJitter, applied in fixed order).
-    """
-    b, c, sat, hue = (1 - s + 2 * s * u[:3]).tolist() + [(2 * u[3].item() - 1) * s]
-    gray_w = _GRAY.to(x)
-    x = (x * b).clamp(0, 1)
-    mean = (gray_w[:, None, None] * x).sum(0).mean()
-    x = ((x - mean) * c + mean).clamp(0, 1)
-    gray = (gray_w[:, None, None] * x).sum(0, keepdim=True)
-    x = ((x - gray) * sat + gray).clamp(0, 1)
-    theta = 2 * math.pi * hue
-    rot = torch.tensor(
-        [[1.0, 0.0, 0.0], [0.0, math.cos(theta), -math.sin(theta)], [0.0, math.sin(theta), math.cos(theta)]]
-    )
-    rgb2yiq = _RGB2YIQ
-    m = (torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq).to(x)
-    return torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1)
+def _strong_jitter(s: float, u: torch.Tensor) -> Jitter:
+    """The colour jitter of strength s from 4 uniforms u in [0, 1): brightness, contrast and
+    saturation factors in [1-s, 1+s], hue shift in [-s, s] of a full turn (the magnitudes of
+    the paper's kornia ColorJitter), applied in the fixed order b, c, s, h."""
+    b, c, sat, h = u.tolist()
+    return Jitter(1 - s + 2 * s * b, 1 - s + 2 * s * c, 1 - s + 2 * s * sat, (2 * h - 1) * s, order=(0, 1, 2, 3))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -280,6 +262,9 @@ def strong_augment(
 ) -> torch.Tensor:
     """Colour jitter and Gaussian blur on the mixed student input, drawn per image.
 
+    The jitter is the reader's (:func:`sdeseg.data.augment.color_jitter`, torchvision
+    semantics: HSV hue) with the factors of :func:`_strong_jitter`, in the order b, c, s, h.
+
     Args:
         images: (B,3,H,W) in [0, 1].
         generator: RNG (CPU generator; default: the global RNG).
@@ -288,14 +273,21 @@ def strong_augment(
         jitter_prob, blur_prob: per-image probabilities (the paper's 0.8 and 0.5).
 
     Returns:
-        (B,3,H,W) augmented images; labels are unaffected by these transforms.
+        (B,3,H,W) augmented images (``images`` itself when nothing was drawn); labels are
+        unaffected by these transforms.
     """
     u = torch.rand(images.shape[0], 7, generator=generator)  # on the CPU: cheap scalars
-    out = []
-    for i, x in enumerate(images):
-        if jitter > 0 and u[i, 0] < jitter_prob:
-            x = _colour_jitter(x, jitter, u[i, 1:5])
-        if blur and u[i, 5] < blur_prob:
-            x = _gaussian_blur(x, 0.15 + u[i, 6].item())
-        out.append(x)
-    return torch.stack(out)
+    out = images
+    chosen = (u[:, 0] < jitter_prob).nonzero()[:, 0].tolist() if jitter > 0 else []
+    if chosen:  # one pass over the jittered images, each with its own factors
+        jitters = [_strong_jitter(jitter, u[i, 1:5]) for i in chosen]
+        if len(chosen) == len(images):
+            out = color_jitter(images, jitters)
+        else:
+            idx = torch.tensor(chosen, device=images.device)
+            out = images.index_copy(0, idx, color_jitter(images.index_select(0, idx), jitters))
+    blurred = [i for i in range(images.shape[0]) if blur and u[i, 5] < blur_prob]
+    if blurred:
+        out = torch.stack([_gaussian_blur(x, 0.15 + u[i, 6].item()) if i in blurred else x
+                           for i, x in enumerate(out)])
+    return out

@@ -12,6 +12,7 @@ import torch
 from sdeseg.config import Config
 from sdeseg.data.classes import class_names, colorize
 from sdeseg.data.reader import ValLoader
+from sdeseg.models import DepthRange
 
 
 def _plt():
@@ -39,18 +40,26 @@ def _val_batch(data_root: Path, cfg: Config, n: int):
     return next(iter(loader))
 
 
-def _image_grid(rows: list[list[tuple]], path: Path) -> None:
-    """Save a grid of image panels; each panel is (array, title) or (array, title, imshow kwargs)."""
+def _image_grid(rows: list[list[tuple]], path: Path, colorbar: str | None = None) -> None:
+    """Save a grid of image panels; each panel is (array, title) or (array, title, imshow kwargs).
+
+    ``colorbar``: label of one colour bar per row, for the last panel drawn in the row (the
+    panels of a row that share it must share its colormap, vmin and vmax).
+    """
     plt = _plt()
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 1.6 * len(rows) + 0.4), squeeze=False)
+    width = 3 * cols + (0.8 if colorbar else 0.0)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width, 1.6 * len(rows) + 0.4), squeeze=False,
+                             layout="constrained")
     for r, panels in enumerate(rows):
+        shown = None
         for c, (im, title, *kw) in enumerate(panels):
             if im is not None:
-                axes[r, c].imshow(im, **(kw[0] if kw else {"cmap": "gray" if im.ndim == 2 else None}))
+                shown = axes[r, c].imshow(im, **(kw[0] if kw else {"cmap": "gray" if im.ndim == 2 else None}))
             axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
-    fig.tight_layout()
+        if colorbar and shown is not None:
+            fig.colorbar(shown, ax=axes[r, :].tolist(), label=colorbar, shrink=0.9, extend="max")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -64,21 +73,57 @@ def fig_inputs(batch, path: Path) -> None:
     _image_grid([[(_img(batch.images[f][r]), name) for f, name in names] for r in range(min(2, len(batch)))], path)
 
 
-@torch.no_grad()
-def fig_depth(batch, depth_model, depth_range, path: Path) -> None:
-    from sdeseg.models.depth_decoder import disp_to_depth
+def _predict_depth(depth_model, depth_range: DepthRange, images: torch.Tensor) -> torch.Tensor:
+    """(B,1,H,W) depth in metres the SDE model predicts for images (B,3,H,W)."""
+    return depth_range.depth(depth_model(images)[("disp", 0)])
 
-    pred = disp_to_depth(depth_model(batch.images[0])[("disp", 0)], *depth_range)[1][:, 0]
+
+# near is bright; pixels without ground truth (sky, ego-vehicle) are grey, not "near"
+DEPTH_CMAP = "magma_r"
+NO_DEPTH_COLOUR = "0.6"
+DEPTH_QUANTILE = 0.95  # of the valid ground truth: the top of the shared colour scale
+
+
+def depth_display_range(gt: torch.Tensor, pred: torch.Tensor) -> tuple[float, float]:
+    """(vmin, vmax) in metres of the one colour scale a row's ground-truth and predicted
+    depth (H,W) share: 0 .. the :data:`DEPTH_QUANTILE` of the valid (> 0) ground truth, or of
+    the prediction where no ground truth is valid."""
+    valid = gt > 0
+    ref = gt[valid] if valid.any() else pred.flatten()
+    return 0.0, float(ref.float().quantile(DEPTH_QUANTILE))
+
+
+def depth_panels(gt: torch.Tensor, pred: torch.Tensor) -> list[tuple]:
+    """The ground-truth and predicted depth panels (array, title, imshow kwargs) of one row.
+
+    Args:
+        gt: (H,W) ground-truth depth in metres, 0 = invalid.
+        pred: (H,W) predicted depth in metres; median-scaled to the valid ground truth.
+
+    Both panels get the same kwargs (colormap, vmin, vmax from :func:`depth_display_range`);
+    invalid ground truth is masked and drawn in :data:`NO_DEPTH_COLOUR`.
+    """
+    from matplotlib import colormaps
+
+    valid = gt > 0
+    if valid.any():
+        pred = pred * (gt[valid].median() / pred[valid].median())
+    vmin, vmax = depth_display_range(gt, pred)
+    style = {"cmap": colormaps[DEPTH_CMAP].with_extremes(bad=NO_DEPTH_COLOUR), "vmin": vmin, "vmax": vmax}
+    gt_shown = np.ma.masked_array(gt.cpu().numpy(), mask=~valid.cpu().numpy())
+    return [(gt_shown, "ground-truth depth (grey: no depth)", style),
+            (pred.cpu().numpy(), "predicted depth (median-scaled)", style)]
+
+
+@torch.no_grad()
+def fig_depth(batch, depth_model, depth_range: DepthRange, path: Path) -> None:
+    """Image, ground-truth and predicted depth of up to 3 images; one colour scale per row."""
+    pred = _predict_depth(depth_model, depth_range, batch.images[0])[:, 0]
     rows = []
     for r in range(min(3, len(batch))):
         gt = batch.depth[r, 0] if batch.depth is not None else torch.zeros_like(pred[r])
-        valid = gt > 0
-        scale = (gt[valid].median() / pred[r][valid].median()) if valid.any() else 1.0
-        style = {"cmap": "magma_r", "vmin": 0,
-                 "vmax": float(gt[valid].quantile(0.95)) if valid.any() else float(pred[r].max())}
-        rows.append([(_img(batch.images[0][r]), "image"), (gt.numpy(), "ground-truth depth", style),
-                     ((pred[r] * scale).numpy(), "predicted depth (median-scaled)", style)])
-    _image_grid(rows, path)
+        rows.append([(_img(batch.images[0][r]), "image"), *depth_panels(gt, pred[r])])
+    _image_grid(rows, path, colorbar="depth [m]")
 
 
 @torch.no_grad()
@@ -90,13 +135,12 @@ def fig_segmentation(batch, seg_model, path: Path) -> None:
 
 
 @torch.no_grad()
-def fig_depthmix(batch, depth_model, depth_range, seg_model, path: Path) -> None:
+def fig_depthmix(batch, depth_model, depth_range: DepthRange, seg_model, path: Path) -> None:
     """Two images, the DepthMix mask (closer pixels of image A), mixed image, mixed pseudo-label."""
-    from sdeseg.models.depth_decoder import disp_to_depth
     from sdeseg.ops import depth_mix
 
     images = batch.images[0]
-    depth = disp_to_depth(depth_model(images)[("disp", 0)], *depth_range)[1]
+    depth = _predict_depth(depth_model, depth_range, images)
     pseudo = seg_model(images)[("seg", 0)].argmax(1)
     mask, (mixed_img, mixed_lab) = depth_mix(depth, images, pseudo)
     rows = [[(_img(images[r]), "image A"), (_img(images[(r + 1) % len(batch)]), "image B"),

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from sdeseg.config import AugmentConfig
 from sdeseg.data.augment import (
     Geometric,
+    Jitter,
+    adjust_hue,
     apply_geometric,
     augment_sample,
     color_jitter,
@@ -165,3 +167,83 @@ def test_color_jitter_identity_and_hsv_roundtrip():
     jit = draw_jitter(AugmentConfig(), np.random.default_rng(0))
     out = color_jitter(img, jit)
     assert out.shape == img.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def hue_reference(img: torch.Tensor, shift: float) -> torch.Tensor:
+    """torchvision's adjust_hue: the HSV round trip."""
+    h, s, v = rgb_to_hsv(img).unbind(-3)
+    return hsv_to_rgb(torch.stack([(h + shift) % 1.0, s, v], -3))
+
+
+def awkward_images(seed: int) -> torch.Tensor:
+    """(2,3,9,11) random colours plus greys, black, white and ties for the maximum channel."""
+    img = torch.rand(2, 3, 9, 11, generator=torch.Generator().manual_seed(seed))
+    img[:, :, 0] = 0.4  # grey
+    img[:, :, 1, :2] = 0.0
+    img[:, :, 1, 2:4] = 1.0
+    img[:, 1, 2] = img[:, 0, 2]  # r == g
+    img[:, 2, 3] = img[:, 1, 3]  # g == b
+    img[:, 2, 4] = img[:, 0, 4]  # r == b
+    return img
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1, -0.23, 0.5, -0.5, 0.97])
+def test_adjust_hue_equals_the_hsv_round_trip(shift):
+    img = awkward_images(0)
+    assert torch.allclose(adjust_hue(img, shift), hue_reference(img, shift), atol=1e-5)
+    # one shift per image, as a tensor
+    shifts = torch.tensor([shift, 0.3]).view(2, 1, 1)
+    both = adjust_hue(img, shifts)
+    assert torch.allclose(both[0], hue_reference(img[0], shift), atol=1e-5)
+    assert torch.allclose(both[1], hue_reference(img[1], 0.3), atol=1e-5)
+
+
+def test_hue_shift_of_pure_colours():
+    red = torch.zeros(3, 2, 2)
+    red[0] = 1.0
+    green, blue = red.roll(1, 0), red.roll(2, 0)
+    assert torch.allclose(color_jitter(red, Jitter(hue=1 / 3)), green, atol=1e-6)
+    assert torch.allclose(color_jitter(red, Jitter(hue=-1 / 3)), blue, atol=1e-6)
+    yellow = red + green
+    assert torch.allclose(color_jitter(red, Jitter(hue=1 / 6)), yellow, atol=1e-6)
+    grey = torch.full((3, 2, 2), 0.3)
+    assert torch.allclose(color_jitter(grey, Jitter(hue=0.4)), grey)  # greys have no hue
+
+
+def test_color_jitter_contrast_uses_each_images_own_mean_luma():
+    img = awkward_images(1)
+    jit = Jitter(contrast=0.5)
+    luma = 0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]
+    for i in range(2):
+        expected = 0.5 * img[i] + 0.5 * luma[i].mean()
+        assert torch.allclose(color_jitter(img[i], jit), expected, atol=1e-6)  # one (3,H,W) image
+    assert torch.allclose(color_jitter(img, jit)[1], color_jitter(img[1], jit), atol=1e-6)  # (F,3,H,W)
+    assert luma[0].mean() != luma[1].mean()
+
+
+def test_color_jitter_per_image_jitters_match_one_at_a_time():
+    img = awkward_images(2)
+    before = img.clone()
+    jitters = [Jitter(1.2, 0.8, 1.3, 0.15), Jitter(0.9, 1.1, 0.7, -0.4)]
+    out = color_jitter(img, jitters)
+    assert torch.equal(img, before)  # the input is never modified
+    for i, jit in enumerate(jitters):
+        assert torch.allclose(out[i], color_jitter(img[i], jit), atol=1e-6)
+    assert out.min() >= 0 and out.max() <= 1
+    # identity is free; a batch of jitters must match the batch and share one order
+    assert color_jitter(img, [Jitter(), Jitter()]) is img
+    with pytest.raises(ValueError, match="one common order"):
+        color_jitter(img, [Jitter(1.2), Jitter(1.2, order=(3, 2, 1, 0))])
+    with pytest.raises(ValueError, match="one common order"):
+        color_jitter(img, [Jitter(1.2)])
+
+
+def test_color_jitter_follows_the_order():
+    img = awkward_images(3)
+    bright_then_contrast = color_jitter(img, Jitter(brightness=1.5, contrast=0.5, order=(0, 1, 2, 3)))
+    contrast_then_bright = color_jitter(img, Jitter(brightness=1.5, contrast=0.5, order=(1, 0, 2, 3)))
+    step = (img * 1.5).clamp(0, 1)
+    mean_luma = (0.299 * step[:, 0] + 0.587 * step[:, 1] + 0.114 * step[:, 2]).mean(dim=(-2, -1))
+    expected = (0.5 * step + 0.5 * mean_luma.view(2, 1, 1, 1)).clamp(0, 1)
+    assert torch.allclose(bright_then_contrast, expected, atol=1e-6)
+    assert not torch.allclose(bright_then_contrast, contrast_then_bright, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdeseg.data.augment import Jitter, color_jitter, rgb_to_hsv
 from sdeseg.losses import pseudo_label_loss
 from sdeseg.mixing import (
     classmix_batch,
@@ -150,3 +151,43 @@ def test_strong_augment():
     assert torch.allclose(strong_augment(flat, g, jitter=0.0, blur_prob=1.0), flat, atol=1e-6)
     blurred = strong_augment(x, g, jitter=0.0, blur_prob=1.0)
     assert blurred.std() < x.std()
+
+
+@pytest.mark.parametrize("jitter_prob", [1.0, 0.5])
+def test_strong_augment_jitter_is_the_reader_jitter(jitter_prob):
+    """Per image, the jitter is :func:`sdeseg.data.augment.color_jitter` with factors from the
+    generator's uniforms u (drawn as (B,7), one row per image): applied when u0 < jitter_prob,
+    brightness, contrast, saturation 1-s+2*s*u1..u3, hue (2*u4-1)*s, in the order b, c, s, h."""
+    s, b = 0.3, 6
+    x = torch.rand(b, 3, 16, 24, generator=torch.Generator().manual_seed(1))
+    x_before = x.clone()
+    out = strong_augment(x, torch.Generator().manual_seed(7), jitter=s, blur=False, jitter_prob=jitter_prob)
+    assert torch.equal(x, x_before)  # the input is not modified
+    u = torch.rand(b, 7, generator=torch.Generator().manual_seed(7))
+    chosen = 0
+    for i in range(b):
+        if u[i, 0] < jitter_prob:
+            chosen += 1
+            f = (1 - s + 2 * s * u[i, 1:4]).tolist()
+            jit = Jitter(*f, hue=(2 * u[i, 4].item() - 1) * s, order=(0, 1, 2, 3))
+            assert torch.allclose(out[i], color_jitter(x[i], jit), atol=1e-6)
+            assert not torch.allclose(out[i], x[i], atol=1e-3)
+        else:
+            assert torch.equal(out[i], x[i])
+    assert 0 < chosen <= b and (chosen < b or jitter_prob == 1.0)
+
+
+def test_strong_augment_shifts_hue_in_hsv():
+    """A saturated colour keeps its saturation and value under the strong jitter's hue shift
+    (HSV rotation, torchvision semantics); only brightness/contrast/saturation change them."""
+    img = torch.zeros(2, 3, 4, 4)
+    img[:, 0] = 1.0  # pure red
+    out = strong_augment(img, torch.Generator().manual_seed(3), jitter=0.3, blur=False, jitter_prob=1.0)
+    hsv_in, hsv_out = rgb_to_hsv(img), rgb_to_hsv(out)
+    u = torch.rand(2, 7, generator=torch.Generator().manual_seed(3))
+    for i in range(2):
+        # the hue moved by the drawn shift (contrast/brightness/saturation of a flat red image
+        # change s and v, never the hue)
+        shift = ((2 * u[i, 4] - 1) * 0.3).item()
+        assert torch.allclose(hsv_out[i, 0], torch.full((4, 4), shift % 1.0), atol=1e-5)
+        assert not torch.allclose(hsv_out[i, 0], hsv_in[i, 0])

@@ -21,6 +21,7 @@ integer coordinates are pixel *centres*, K maps camera points to those pixels an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,7 @@ def draw_jitter(augment: AugmentConfig | None, rng: np.random.Generator) -> Jitt
 def _gray(img: torch.Tensor) -> torch.Tensor:
     """(...,3,H,W) -> (...,1,H,W) luma."""
     r, g, b = img.unbind(-3)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(-3)
+    return (r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(-3)
 
 
 def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
@@ -205,41 +206,85 @@ def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, s, v], dim=-3)
 
 
+def _hsv_channels(h6: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Trapezoid weights (...,3,H,W) in [0,1] of r, g, b for a hue ``h6`` (...,H,W) in sixths
+    of a turn, ``h6 >= -1``: ``rgb = v - v*s*weight``. That is ``clamp(min(k, 4-k), 0, 1)``,
+    ``k = (n + h6) mod 6``, n = 5, 3, 1 for r, g, b: one broadcast over the channel axis
+    instead of a six-sector lookup (several times faster on large frames). Written into
+    ``out`` when given."""
+    n = torch.arange(5.0, 0.0, -2.0, dtype=h6.dtype, device=h6.device).view(3, 1, 1)
+    k = torch.add(h6.unsqueeze(-3), n, out=out)  # >= 0: floor division gives the modulo
+    k.sub_((k * (1.0 / 6.0)).floor_().mul_(6.0))  # (cheaper than torch.remainder)
+    return k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)  # clamp(2 - |k - 2|, 0, 1)
+
+
 def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rgb_to_hsv`: (...,3,H,W) HSV -> RGB.
-
-    Branch-free form ``c_n = v - v*s*clamp(min(k, 4-k), 0, 1)``, ``k = (n + 6h) mod 6`` with
-    n = 5, 3, 1 for r, g, b: one broadcast over the channel axis instead of a six-sector
-    lookup (several times faster on large frames).
-    """
+    """Inverse of :func:`rgb_to_hsv`: (...,3,H,W) HSV -> RGB."""
     h, s, v = img.unbind(-3)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype, device=img.device).view(3, 1, 1)
-    k = (n + 6.0 * h.unsqueeze(-3)) % 6.0
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return v.unsqueeze(-3) - (v * s).unsqueeze(-3) * ramp
+    return v.unsqueeze(-3) - (v * s).unsqueeze(-3) * _hsv_channels(6.0 * h)
 
 
-def color_jitter(img: torch.Tensor, jitter: Jitter) -> torch.Tensor:
-    """Apply one sample's jitter to (F,3,H,W) float frames in [0,1] (all frames alike).
+def adjust_hue(img: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the HSV hue of (...,3,H,W) RGB in [0,1] by ``shift`` turns (a float, or a tensor
+    broadcasting against (...,H,W), e.g. (N,1,1) for one shift per image of (N,3,H,W)).
 
-    Contrast blends each frame with its own mean luma, saturation with its per-pixel luma
-    (torchvision's definitions); results are clamped to [0,1] after every step.
+    Equals ``hsv_to_rgb`` of the rotated ``rgb_to_hsv`` (torchvision's ``adjust_hue``) without
+    the round trip: a hue rotation keeps ``v = max`` and ``v*s = max - min``, so only the hue
+    is computed, in sixths of a turn. ``out`` (may be ``img`` itself) receives the result.
     """
-    if jitter.identity:
+    r, g, b = img.unbind(-3)
+    maxc = img.amax(dim=-3)
+    delta = maxc - img.amin(dim=-3)
+    # which channel is the maximum, as 0/1 floats: lerp with them selects exactly and, on the
+    # CPU, is many times faster than torch.where with a bool condition
+    is_r = torch.eq(maxc, r, out=torch.empty_like(maxc))
+    is_g = torch.eq(maxc, g, out=torch.empty_like(maxc))
+    h6 = (r - g).add_(delta, alpha=4.0).lerp_((b - r).add_(delta, alpha=2.0), is_g).lerp_(g - b, is_r)
+    h6.div_(delta.clamp(min=1e-12)).add_((shift % 1.0) * 6.0)  # in [-1, 11); greys: weight * 0
+    return _hsv_channels(h6, out).mul_(-delta.unsqueeze(-3)).add_(maxc.unsqueeze(-3))
+
+
+def color_jitter(img: torch.Tensor, jitter: Jitter | Sequence[Jitter]) -> torch.Tensor:
+    """Colour-jitter float images (...,3,H,W) in [0,1]; returns a new tensor (or ``img`` itself
+    when there is nothing to do).
+
+    One :class:`Jitter` applies to every image alike (the (F,3,H,W) frames of one sample). A
+    sequence of N jitters that share one order applies jitter i to ``img[i]`` of (N,...,3,H,W)
+    in one pass over the batch (:func:`sdeseg.mixing.strong_augment`).
+
+    Contrast blends each image (...,3,H,W) with its own mean luma, saturation with its
+    per-pixel luma (torchvision's definitions); results are clamped to [0,1] after every step.
+    """
+    single = isinstance(jitter, Jitter)
+    jitters = [jitter] if single else list(jitter)
+    order = jitters[0].order
+    if not single and (len(jitters) != img.shape[0] or any(j.order != order for j in jitters)):
+        raise ValueError(f"color_jitter: need {img.shape[0]} jitters with one common order, got "
+                         f"{[j.order for j in jitters]}")
+    if all(j.identity for j in jitters):
         return img
-    for op in jitter.order:
-        if op == 0 and jitter.brightness != 1.0:
-            img = (img * jitter.brightness).clamp(0.0, 1.0)
-        elif op == 1 and jitter.contrast != 1.0:
+
+    def factor(name: str, neutral: float, dims: int) -> float | torch.Tensor | None:
+        """None when no image changes; else a float, or an (N,1,..,1) tensor of ``dims`` dims."""
+        values = [getattr(j, name) for j in jitters]
+        if all(v == neutral for v in values):
+            return None
+        if single:
+            return values[0]
+        return torch.tensor(values, dtype=img.dtype).view(-1, *[1] * (dims - 1)).to(img.device)
+
+    img = img.clone()  # one copy, then every step in place (fewer passes over memory)
+    for op in order:
+        if op == 0 and (f := factor("brightness", 1.0, img.dim())) is not None:
+            img.mul_(f).clamp_(0.0, 1.0)
+        elif op == 1 and (f := factor("contrast", 1.0, img.dim())) is not None:
             mean = _gray(img).mean(dim=(-3, -2, -1), keepdim=True)
-            img = (jitter.contrast * img + (1.0 - jitter.contrast) * mean).clamp(0.0, 1.0)
-        elif op == 2 and jitter.saturation != 1.0:
-            img = (jitter.saturation * img + (1.0 - jitter.saturation) * _gray(img)).clamp(0.0, 1.0)
-        elif op == 3 and jitter.hue != 0.0:
-            hsv = rgb_to_hsv(img)
-            h, s, v = hsv.unbind(-3)
-            hsv = torch.stack([(h + jitter.hue) % 1.0, s, v], -3)
-            img = hsv_to_rgb(hsv).clamp(0.0, 1.0)
+            img.mul_(f).add_(mean * (1.0 - f)).clamp_(0.0, 1.0)
+        elif op == 2 and (f := factor("saturation", 1.0, img.dim())) is not None:
+            gray = _gray(img).mul_(1.0 - f)
+            img.mul_(f).add_(gray).clamp_(0.0, 1.0)
+        elif op == 3 and (f := factor("hue", 0.0, img.dim() - 1)) is not None:
+            adjust_hue(img, f, out=img).clamp_(0.0, 1.0)
     return img
 
 
