@@ -96,11 +96,15 @@ class StageContext:
             max_batches=self.cfg.train.val_batches if max_batches is None else max_batches,
         )
 
-    def has_split(self, split: str | None) -> bool:
-        """Whether the dataset holds samples of ``split`` (in ``data.domain``)."""
+    def test_metrics(self, evaluate) -> dict[str, Any]:
+        """``evaluate(split)`` on the held-out ``data.test_split``, keys prefixed ``test/``; empty
+        when the config names none or the dataset has no such split. Every rank calls this."""
         from sdeseg.data.shardio import ShardIndex
 
-        return split is not None and bool(ShardIndex.load(self.cfg.data.root).select(split, self.cfg.data.domain))
+        split = self.cfg.data.test_split
+        if split is None or not ShardIndex.load(self.cfg.data.root).select(split, self.cfg.data.domain):
+            return {}
+        return {f"test/{k}": v for k, v in evaluate(split).items()}
 
     def labeled_pool(self, keys: list[str]):
         """This rank's endless batches of the labeled subset ``keys`` (``sdeseg.data.labeled.LabeledPool``)."""
@@ -247,6 +251,10 @@ class StageContext:
             torch.save(payload, tmp)
             tmp.replace(path)
         return str(path)
+
+    def exports(self) -> dict[str, str]:
+        """Name -> path of every export of this run (``<run_dir>/export/*.pt``)."""
+        return {p.stem: str(p) for p in sorted((self.run_dir / "export").glob("*.pt"))}
 
     def close(self) -> None:
         self.logger.close()

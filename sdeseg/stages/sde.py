@@ -140,15 +140,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         ctx.report(progress.step, progress.val if val_due else {}, state if ckpt_due else None)
 
     wall = time.perf_counter() - start
-    summary = dict(progress.val)
-    if ctx.has_split(cfg.data.test_split):
-        test = validate(engine.module, cfg, ctx, split=cfg.data.test_split)
-        summary.update({f"test/{k}": v for k, v in test.items()})
-    exports = {"last": ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))}
-    if not math.isnan(progress.best):
-        exports["best"] = str(ctx.run_dir / "export" / "best.pt")
+    test = ctx.test_metrics(lambda split: validate(engine.module, cfg, ctx, split))
+    ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))
     steps_run = progress.step - first_step
-    summary.update({"steps": progress.step, "steps_this_run": steps_run, "wall_time_s": wall,
-                    "samples_per_s": steps_run * cfg.runtime.grad_accum * cfg.data.batch_size * ctx.world_size
-                    / max(wall, 1e-9)})
-    return StageResult(summary=summary, exports=exports)
+    summary = progress.val | test | {
+        "steps": progress.step, "steps_this_run": steps_run, "wall_time_s": wall,
+        "samples_per_s": steps_run * cfg.runtime.grad_accum * cfg.data.batch_size * ctx.world_size / max(wall, 1e-9),
+    }
+    return StageResult(summary=summary, exports=ctx.exports())

@@ -13,7 +13,6 @@ model) when ``semiseg.transfer``.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -277,13 +276,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         ctx.report(progress.step, metrics, state if ckpt_due else None)
 
     wall = time.perf_counter() - start
-    summary = dict(progress.val)
-    if ctx.has_split(cfg.data.test_split):
-        test = validate(engine.module, cfg, ctx, split=cfg.data.test_split)
-        summary.update({f"test/{k}": v for k, v in test.items()})
-    exports = {"last": ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))}
-    if not math.isnan(progress.best):
-        exports["best"] = str(ctx.run_dir / "export" / "best.pt")
-    summary.update({"steps": progress.step, "steps_this_run": progress.step - first_step, "wall_time_s": wall,
-                    "labeled_samples": len(keys), "teacher/updates": teacher.updates})
-    return StageResult(summary=summary, exports=exports)
+    test = ctx.test_metrics(lambda split: validate(engine.module, cfg, ctx, split=split))
+    ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))
+    summary = progress.val | test | {
+        "steps": progress.step, "steps_this_run": progress.step - first_step, "wall_time_s": wall,
+        "labeled_samples": len(keys), "teacher/updates": teacher.updates,
+    }
+    return StageResult(summary=summary, exports=ctx.exports())
