@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(out),
                 num_train=n,
                 num_val=0,
+                num_test=0,
                 size=(h, w),
                 style="city",
                 seed=0,

@@ -36,15 +36,15 @@ from data_prep.shards import (
     check_root,
     intrinsics_matrix,
     label_ids_of,
-    parse_size,
     parse_splits,
     read_bytes,
     read_image,
     resize_label,
     resize_rgb,
     run_conversion,
-    scale_intrinsics,
+    size_arg,
 )
+from sdeseg.camera import scale_intrinsics
 from sdeseg.data.classes import label_ids_to_train_ids
 from sdeseg.data.codec import encode_sample, make_key
 from sdeseg.data.manifest import join
@@ -264,7 +264,7 @@ def convert(job: Job) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True,
                         help=f"the Cityscapes folder holding {LAYOUT} (path or fsspec URL)")
-    parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
+    parser.add_argument("--size", type=size_arg, default=DEFAULT_SIZE,
                         help="stored HxW (default 512x1024; area resize for images, nearest for labels)")
     parser.add_argument("--frames", choices=("labeled", "all"), default="labeled",
                         help="labeled: annotated frames with neighbours and labels; "

@@ -35,14 +35,14 @@ from data_prep.shards import (
     check_root,
     intrinsics_matrix,
     label_ids_of,
-    parse_size,
     parse_splits,
     read_image,
     resize_label,
     resize_rgb,
     run_conversion,
-    scale_intrinsics,
+    size_arg,
 )
+from sdeseg.camera import scale_intrinsics
 from sdeseg.data.classes import label_ids_to_train_ids
 from sdeseg.data.codec import encode_sample, make_key
 from sdeseg.data.manifest import join
@@ -191,7 +191,7 @@ def _parse_fov(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help=f"the GTA5 folder ({LAYOUT}): path or fsspec URL")
-    parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
+    parser.add_argument("--size", type=size_arg, default=DEFAULT_SIZE,
                         help="stored HxW (default 512x1024, the Cityscapes size; area/nearest resize)")
     parser.add_argument("--split", type=_parse_split, default="train",
                         help="split of the samples (default train)")

@@ -23,7 +23,8 @@ datasets (e.g. ``cityscapes`` and ``gta``): the manifest keeps the rows of the
 
 The second half of this module holds small image helpers the image converters
 (Cityscapes, GTA) share: reading files with reasons for every failure, resizing
-once to the stored size, scaling intrinsics, and the CLI options all converters use.
+once to the stored size, the ``--size`` argument, and the CLI options all converters use.
+Intrinsics of resized images come from ``sdeseg.camera.scale_intrinsics``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdeseg.config import ConfigError, parse_size
 from sdeseg.data.classes import IGNORE_INDEX, class_names, known_label_ids
 from sdeseg.data.codec import IMAGE_EXTS, decode_image
 from sdeseg.data.manifest import MANIFEST_NAME, join, read_manifest, write_manifest
@@ -556,12 +558,20 @@ def run_conversion(
 # --------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"512x1024"`` -> (512, 1024) (height, width)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"size must be HxW, positive integers (e.g. 512x1024), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+def size_arg(text: str, min_side: int = 1) -> tuple[int, int]:
+    """argparse ``type`` of ``--size``: ``"512x1024"`` -> (512, 1024) (height, width).
+
+    Parsed by ``sdeseg.config.parse_size`` (the one size parser), its ConfigError turned
+    into argparse's error; sides below ``min_side`` are refused too (bind it with
+    ``functools.partial`` for a converter that needs a minimum).
+    """
+    try:
+        h, w = parse_size(text, "size")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+    if h < min_side or w < min_side:
+        raise argparse.ArgumentTypeError(f"size must be at least {min_side}x{min_side}, got {text!r}")
+    return h, w
 
 
 def parse_splits(text: str) -> tuple[str, ...]:
@@ -636,23 +646,6 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if label.shape == (h, w):
         return label
     return np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
-
-
-def scale_intrinsics(K: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-    """Intrinsics of an image resized from ``src_hw`` to ``dst_hw`` (both (H, W)).
-
-    Pixel coordinates follow the inverse_warp convention (integer = pixel centre), and
-    PIL's resize maps centres as ``u' = (u + 0.5) * s - 0.5``; so the focal lengths
-    scale by s and the principal point by the same affine map.
-    """
-    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-    K = np.asarray(K, dtype=np.float64)
-    out = K.copy()
-    out[0, 0], out[0, 1] = K[0, 0] * sx, K[0, 1] * sx
-    out[1, 1] = K[1, 1] * sy
-    out[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
-    out[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
-    return out
 
 
 def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:

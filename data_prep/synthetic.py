@@ -15,26 +15,20 @@ resumable, parallel over processes).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
-from data_prep.shards import Job, PrepError, format_report, write_shards
+from data_prep.shards import Job, PrepError, format_report, size_arg, write_shards
 from data_prep.synth import render_sample
 from data_prep.synth.styles import STYLES, get_style
 from sdeseg.data.codec import encode_sample, make_key
 
-SPLITS = ("train", "val")
+# Each split's scenes come from its own random streams: ``render_sample`` seeds a sample by
+# (seed, split name, style, index), so train, val and test never share a scene, and adding a
+# split leaves the samples of the others unchanged.
+SPLITS = ("train", "val", "test")
 GENERATOR = "sdeseg-synthetic-v1"  # recorded in every sample's source ids
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'96x192' -> (96, 192) (height x width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 96x192 (HxW), got {text!r}") from None
-    if h < 8 or w < 8:
-        raise argparse.ArgumentTypeError(f"size must be at least 8x8, got {text!r}")
-    return h, w
+MIN_SIDE = 8  # smaller images leave no room for the street's primitives
 
 
 def sample_key(style: str, split: str, seed: int, index: int) -> str:
@@ -42,11 +36,13 @@ def sample_key(style: str, split: str, seed: int, index: int) -> str:
     return make_key(get_style(style).domain, split, f"{style}_{seed}_{index:06d}")
 
 
-def make_jobs(num_train: int, num_val: int, size: tuple[int, int], style: str, seed: int) -> list[Job]:
+def make_jobs(
+    num_train: int, num_val: int, num_test: int, size: tuple[int, int], style: str, seed: int
+) -> list[Job]:
     """One job per sample; the payload is everything ``render_sample`` needs."""
     domain = get_style(style).domain
     jobs = []
-    for split, count in zip(SPLITS, (num_train, num_val)):
+    for split, count in zip(SPLITS, (num_train, num_val, num_test)):
         for index in range(count):
             jobs.append(
                 Job(
@@ -83,6 +79,7 @@ def generate(
     out: str,
     num_train: int = 1000,
     num_val: int = 100,
+    num_test: int = 100,
     size: tuple[int, int] = (96, 192),
     style: str = "city",
     seed: int = 0,
@@ -92,13 +89,17 @@ def generate(
 ) -> dict:
     """Render the dataset into shards + ``manifest.parquet`` under ``out`` and return the report.
 
+    Splits ``train``, ``val`` and ``test`` hold ``num_train``, ``num_val`` and ``num_test``
+    samples; each split's scenes are its own (a held-out test split shares none with val).
     Finished shards of an earlier run with the same arguments are kept (the report's
     ``shards_converted_this_run`` counts the new ones). ``procs`` defaults to all cores.
     """
     get_style(style)  # fail early on a bad name
-    if num_train < 0 or num_val < 0 or num_train + num_val == 0:
-        raise ValueError(f"need a positive number of samples, got num_train={num_train} num_val={num_val}")
-    jobs = make_jobs(num_train, num_val, size, style, seed)
+    counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+        shown = " ".join(f"{k}={v}" for k, v in counts.items())
+        raise ValueError(f"need a positive number of samples, got {shown}")
+    jobs = make_jobs(num_train, num_val, num_test, size, style, seed)
     extra = {
         "generator": {
             "name": GENERATOR,
@@ -107,6 +108,7 @@ def generate(
             "size": list(size),
             "num_train": num_train,
             "num_val": num_val,
+            "num_test": num_test,
         }
     }
     return write_shards(
@@ -129,9 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory or fsspec URL")
     parser.add_argument("--num-train", type=int, default=1000, help="training samples (default 1000)")
     parser.add_argument("--num-val", type=int, default=100, help="validation samples (default 100)")
+    parser.add_argument("--num-test", type=int, default=100,
+                        help="held-out test samples, scenes distinct from train and val (default 100)")
     parser.add_argument(
         "--size",
-        type=parse_size,
+        type=functools.partial(size_arg, min_side=MIN_SIDE),
         default=(96, 192),
         metavar="HxW",
         help="image size, height x width (default 96x192)",
@@ -155,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             num_train=args.num_train,
             num_val=args.num_val,
+            num_test=args.num_test,
             size=args.size,
             style=args.style,
             seed=args.seed,

@@ -18,11 +18,12 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
-    """24 training triplets + 8 validation samples at 32x64 (train/val scenes differ)."""
+    """24 training triplets + 8 validation + 8 test samples at 32x64 (the splits' scenes differ)."""
     from data_prep.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "city"
-    generate(str(root), num_train=24, num_val=8, size=(32, 64), seed=3, procs=1, shard_size=6, progress=False)
+    generate(str(root), num_train=24, num_val=8, num_test=8, size=(32, 64), seed=3, procs=1, shard_size=6,
+             progress=False)
     return str(root)
 
 

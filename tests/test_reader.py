@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from collections import Counter
 
@@ -13,7 +15,7 @@ import torch
 
 from data_prep.shards import Job, write_shards
 from sdeseg.config import AugmentConfig, DataConfig
-from sdeseg.data.codec import encode_sample
+from sdeseg.data.codec import SampleError, decode_sample, encode_image, encode_npy, encode_sample
 from sdeseg.data.manifest import DatasetError, read_manifest, write_manifest
 from sdeseg.data.reader import (
     LabeledPool,
@@ -31,7 +33,11 @@ CROP = (8, 16)
 
 
 def convert(job: Job) -> dict:
-    """A small random sample: 3 frames, depth, K, T; a label when ``payload["label"]``."""
+    """A small random sample: 3 frames, depth, K, T; a label when ``payload["label"]``.
+
+    ``payload["defect"]`` breaks one member: "png" (undecodable cur.png), "no_K" (json
+    without K), "depth_shape" (depth one column short), "prev_shape" (prev frame half height).
+    """
     p = job.payload
     rng = np.random.default_rng(p["seed"])
     frames = {f: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for f in (-1, 0, 1)}
@@ -42,15 +48,25 @@ def convert(job: Job) -> dict:
     label = rng.integers(0, 19, (H, W), dtype=np.uint8) if p.get("label") else None
     depth = rng.uniform(1.0, 10.0, (H, W)).astype(np.float32)
     members = encode_sample(job.key, frames, meta, label, depth)
-    if p.get("bad"):
+    defect = p.get("defect")
+    if defect == "png":
         members["cur.png"] = b"these bytes are not a PNG"
+    elif defect == "no_K":
+        members["json"] = json.dumps({k: v for k, v in json.loads(members["json"]).items() if k != "K"}).encode()
+    elif defect == "depth_shape":
+        members["depth.npy"] = encode_npy(depth[:, :-1])
+    elif defect == "prev_shape":
+        members["prev.png"] = encode_image(frames[-1][: H // 2])
     return members
 
 
-def make_dataset(root, n_train, shard_size, *, n_val=0, bad=(), labeled_every=2):
-    jobs = [Job(f"syn/train/{i:04d}", "syn", "train",
-                {"seed": i, "label": i % labeled_every == 0, "bad": i in bad}) for i in range(n_train)]
+def make_dataset(root, n_train, shard_size, *, n_val=0, bad=(), defects=None, labeled_every=2):
+    """``bad``: train indices with an undecodable cur.png; ``defects``: key -> defect (see convert)."""
+    defects = {**{f"syn/train/{i:04d}": "png" for i in bad}, **(defects or {})}
+    jobs = [Job(f"syn/train/{i:04d}", "syn", "train", {"seed": i, "label": i % labeled_every == 0})
+            for i in range(n_train)]
     jobs += [Job(f"syn/val/{i:04d}", "syn", "val", {"seed": 1000 + i, "label": True}) for i in range(n_val)]
+    jobs = [Job(j.key, j.domain, j.split, {**j.payload, "defect": defects.get(j.key)}) for j in jobs]
     write_shards(str(root), jobs, convert, shard_size=shard_size, procs=1, progress=False)
     return str(root)
 
@@ -203,6 +219,60 @@ def test_corrupt_sample_is_skipped_and_counted(bad_ds, caplog):
 def test_too_many_corrupt_samples_raise(bad_ds, workers):
     with pytest.raises(RuntimeError, match=r"syn/train/0007 in syn-train-00001\.tar"):
         list(stream(bad_ds, epochs=1, num_workers=workers, max_corrupt_fraction=0.0))
+
+
+MALFORMED = {"no_K": "json member has no K", "depth_shape": "depth.npy is (16, 23)",
+             "prev_shape": "prev.png is (8, 24)"}
+
+
+@pytest.fixture(scope="module")
+def malformed_ds(tmp_path_factory):
+    # one sample of each malformation in train (shards of 6) and in val
+    defects = {"syn/train/0003": "no_K", "syn/train/0010": "depth_shape", "syn/train/0017": "prev_shape",
+               "syn/val/0001": "no_K", "syn/val/0004": "depth_shape", "syn/val/0008": "prev_shape"}
+    return make_dataset(tmp_path_factory.mktemp("malformed"), 24, 6, n_val=10, defects=defects)
+
+
+@pytest.mark.parametrize("defect", sorted(MALFORMED))
+def test_decode_names_the_malformed_member(defect):
+    members = convert(Job("syn/train/x", "syn", "train", {"seed": 0, "defect": defect}))
+    with pytest.raises(SampleError, match="^" + re.escape(f"syn/train/x: {MALFORMED[defect]}")):
+        decode_sample(members)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("K", [[1.0, 0.0], [0.0, 1.0]]), ("K", [[float("nan"), 0, 1], [0, 1, 1], [0, 0, 1]]), ("K", "eye"),
+    ("T_prev", np.eye(3).tolist()), ("T_next", [[0, 0, 0, "x"]] * 4), ("T_next", None),
+])
+def test_decode_rejects_bad_matrices(name, value):
+    members = convert(Job("syn/train/x", "syn", "train", {"seed": 0}))
+    meta = json.loads(members["json"])
+    meta[name] = value
+    members["json"] = json.dumps(meta).encode()
+    with pytest.raises(SampleError, match=rf"^syn/train/x: json member's {name} "):
+        decode_sample(members)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_malformed_samples_are_skipped_and_counted(malformed_ds, workers, caplog):
+    s = stream(malformed_ds, epochs=1, num_workers=workers, max_corrupt_fraction=0.25)
+    with caplog.at_level(logging.WARNING):
+        batches = list(s)
+    assert len(batches) == s.batches_per_epoch
+    keys = [k for b in batches for k in b.keys]
+    assert len(keys) == 24 and len(set(keys)) == 21
+    assert not {"syn/train/0003", "syn/train/0010", "syn/train/0017"} & set(keys)
+    assert s.corrupt_count == 3
+    if workers == 0:  # worker processes log in their own process
+        for text in MALFORMED.values():
+            assert text in caplog.text
+
+
+def test_val_loader_skips_malformed_samples(malformed_ds):
+    ldr = ValLoader(malformed_ds, batch_size=3, frames=(-1, 0, 1), max_corrupt_fraction=0.5)
+    keys = [k for b in ldr for k in b.keys]
+    assert keys == [f"syn/val/{i:04d}" for i in (0, 2, 3, 5, 6, 7, 9)]
+    assert ldr.corrupt_count == 3
 
 
 def test_truncated_shard_counts_lost_samples_as_corrupt(even_ds, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from data_prep.shards import (
     executor_from_args,
     format_report,
     plan_shards,
-    scale_intrinsics,
+    size_arg,
     write_shards,
 )
 from sdeseg.cli import main
@@ -128,10 +129,19 @@ def test_object_storage_url(tmp_path):
         fsspec.filesystem("memory").rm("/bucket", recursive=True)
 
 
-def test_scale_intrinsics_maps_pixel_centres():
-    K = np.array([[100.0, 0, 31.5], [0, 90.0, 15.5], [0, 0, 1]])  # principal point at the image centre
-    K2 = scale_intrinsics(K, (32, 64), (16, 32))
-    np.testing.assert_allclose(K2, [[50, 0, 15.5], [0, 45, 7.5], [0, 0, 1]])  # still the centre
+def test_size_argument():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=size_arg)
+    parser.add_argument("--big", type=functools.partial(size_arg, min_side=8))
+    assert parser.parse_args(["--size", "512x1024", "--big", " 8X16 "]) == argparse.Namespace(
+        size=(512, 1024), big=(8, 16))
+    for argv in (["--size", "512"], ["--size", "0x4"], ["--size", "axb"], ["--big", "4x64"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected HxW such as 96x192, got '1x2x3'"):
+        size_arg("1x2x3")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"at least 8x8, got '4x64'"):
+        size_arg("4x64", min_side=8)
 
 
 def test_common_arguments():

@@ -53,6 +53,7 @@ def test_deterministic_and_seeded():
     for other in (
         render_sample(3, "train", (32, 64), "city", 1),
         render_sample(3, "val", (32, 64), "city", 0),
+        render_sample(3, "test", (32, 64), "city", 0),
     ):
         assert not np.array_equal(a["frames"][0], other["frames"][0])
         assert not np.array_equal(a["depth"], other["depth"])
@@ -144,6 +145,7 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         str(out),
         num_train=2,
         num_val=2,
+        num_test=3,
         size=(32, 64),
         style="city",
         seed=0,
@@ -151,10 +153,11 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         shard_size=2,
         progress=False,
     )
-    assert report["samples"] == 4 and report["shards"] == 2 and report["shards_converted_this_run"] == 2
+    assert report["samples"] == 7 and report["shards"] == 4 and report["shards_converted_this_run"] == 4
+    assert report["samples_per_split"] == {"synth-city/test": 3, "synth-city/train": 2, "synth-city/val": 2}
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(
-        [sample_key("city", "train", 0, i) for i in range(2)] + [sample_key("city", "val", 0, i) for i in range(2)]
+        [sample_key("city", split, 0, i) for split, n in (("train", 2), ("val", 2), ("test", 3)) for i in range(n)]
     )
     assert {r["domain"] for r in rows} == {"synth-city"} and all(r["has_label"] for r in rows)
     assert {(r["height"], r["width"]) for r in rows} == {(32, 64)}
@@ -179,10 +182,25 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         1,
     )
 
+    # the held-out test split: its own scenes, none shared with val (or train)
+    stored_by_split: dict[str, list[dict]] = {}
+    for shard in sorted({r["shard"] for r in rows}):
+        for sample in _read_shard(out / shard):
+            stored_by_split.setdefault(sample["meta"]["split"], []).append(sample)
+    assert {k: len(v) for k, v in stored_by_split.items()} == {"train": 2, "val": 2, "test": 3}
+    for t in stored_by_split["test"]:
+        assert t["key"].startswith("synth-city/test/")
+        for other in stored_by_split["val"] + stored_by_split["train"]:
+            assert not np.array_equal(t["frames"][0], other["frames"][0])
+            assert not np.array_equal(t["depth"], other["depth"])
+    test_1 = next(t for t in stored_by_split["test"] if t["meta"]["index"] == 1)
+    np.testing.assert_array_equal(test_1["frames"][0], render_sample(1, "test", (32, 64), "city", 0)["frames"][0])
+
     again = generate(
         str(out),
         num_train=2,
         num_val=2,
+        num_test=3,
         size=(32, 64),
         style="city",
         seed=0,
@@ -190,7 +208,7 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         shard_size=2,
         progress=False,
     )
-    assert again["shards_converted_this_run"] == 0 and again["samples"] == 4
+    assert again["shards_converted_this_run"] == 0 and again["samples"] == 7
 
     from sdeseg.cli import main
 
@@ -204,6 +222,8 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         "2",
         "--num-val",
         "0",
+        "--num-test",
+        "1",
         "--size",
         "32x64",
         "--style",
@@ -215,12 +235,13 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
         "--quiet",
     ]
     assert main(argv) == 0
-    assert "wrote 2 samples" in capsys.readouterr().out
+    assert "wrote 3 samples" in capsys.readouterr().out
     game_rows = pq.read_table(game / "manifest.parquet").to_pylist()
     assert {r["domain"] for r in game_rows} == {"synth-game"}
+    assert sorted(r["split"] for r in game_rows) == ["test", "train", "train"]
     game_frames = [s["frames"][0] for r in {r["shard"] for r in game_rows} for s in _read_shard(game / r)]
     city_frames = [s["frames"][0] for r in {r["shard"] for r in rows} for s in _read_shard(out / r)]
-    assert len(game_frames) == 2
+    assert len(game_frames) == 3
     # the game domain is far more saturated than the muted city palette
     assert _chroma(game_frames) > 1.5 * _chroma(city_frames)
     report = json.loads((game / "prep_report.json").read_text())
@@ -230,5 +251,10 @@ def test_generate_shards_resume_and_cli(tmp_path, capsys):
 def test_cli_rejects_empty_dataset(tmp_path, capsys):
     from sdeseg.cli import main
 
-    assert main(["prep", "synthetic", "--out", str(tmp_path), "--num-train", "0", "--num-val", "0"]) == 2
+    argv = ["prep", "synthetic", "--out", str(tmp_path), "--num-train", "0", "--num-val", "0"]
+    assert main([*argv, "--num-test", "0"]) == 2
     assert "positive number of samples" in capsys.readouterr().err
+    for size in ("4x64", "96"):  # below the generator's 8x8 minimum; not HxW
+        with pytest.raises(SystemExit):
+            main([*argv, "--size", size])
+        assert f"got '{size}'" in capsys.readouterr().err

@@ -115,11 +115,13 @@ def intersect_box(o: np.ndarray, d: np.ndarray, half: np.ndarray) -> tuple[np.nd
     tn = np.minimum(t0, t1)
     tf = np.maximum(t0, t1)
     axis = np.argmax(tn, axis=1)
-    tnear = np.take_along_axis(tn, axis[:, None], 1)[:, 0]
+    rows = np.arange(len(d))
+    # plain fancy indexing: take/put_along_axis cost more than the arithmetic on these small arrays
+    tnear = tn[rows, axis]
     tfar = tf.min(axis=1)
     hit = (tnear <= tfar) & (tnear > 0)
     n = np.zeros_like(d)
-    np.put_along_axis(n, axis[:, None], -np.sign(np.take_along_axis(d, axis[:, None], 1)), 1)
+    n[rows, axis] = -np.sign(d[rows, axis])
     return np.where(hit, tnear, np.inf), n
 
 
@@ -249,6 +251,9 @@ def trace(scene: Scene, cam: Camera, frame: int) -> Trace:
     p_local[hit] = cam.position + tg[hit, None] * rays[hit]
     n_local[hit] = (0.0, 1.0, 0.0)
 
+    # flat views: writing through one index array is cheaper than through (row, column) pairs
+    depth_flat, pid_flat = depth.reshape(-1), pid.reshape(-1)
+    p_flat, n_flat = p_local.reshape(-1, 3), n_local.reshape(-1, 3)
     rect, zmin, visible = screen_bounds(scene, cam, frame)
     visible[GROUND] = False
     centers = scene.centers_at(frame)
@@ -257,7 +262,7 @@ def trace(scene: Scene, cam: Camera, frame: int) -> Trace:
     for i in order:
         v0, v1, u0, u1 = rect[i]
         dview = depth[v0:v1, u0:u1]
-        if (dview < zmin[i]).all():  # fully hidden behind what is drawn already
+        if dview.max() < zmin[i]:  # fully hidden behind what is drawn already (depth has no NaN)
             continue
         rot = scene.rot[i]
         o = rot.T @ (cam.position - centers[i])
@@ -268,12 +273,12 @@ def trace(scene: Scene, cam: Camera, frame: int) -> Trace:
             continue
         idx = np.nonzero(closer)[0]
         rr, cc = np.divmod(idx, u1 - u0)
-        rr += v0
-        cc += u0
-        depth[rr, cc] = t[idx]
-        pid[rr, cc] = i
-        p_local[rr, cc] = o + t[idx, None] * d[idx]
-        n_local[rr, cc] = n[idx]
+        flat = (rr + v0) * w + (cc + u0)  # pixel indices into the (H*W) views below
+        t_hit = t.take(idx)
+        depth_flat[flat] = t_hit
+        pid_flat[flat] = i
+        p_flat[flat] = o + t_hit[:, None] * d.take(idx, axis=0)
+        n_flat[flat] = n.take(idx, axis=0)
     return Trace(depth=depth, pid=pid, p_local=p_local, n_local=n_local, rays=rays)
 
 
@@ -313,14 +318,16 @@ def trace_rays(scene: Scene, cam: Camera, frame: int, rays: np.ndarray, candidat
         idx = rays_of[a:b]
         rot = scene.rot[i]
         o = rot.T @ (cam.position - centers[i])
-        d = rays[idx] @ rot
+        d = rays.take(idx, axis=0) @ rot
         t, nl = _INTERSECT[int(scene.kind[i])](o, d, scene.size[i])
-        closer = _closer(t, depth[idx], pid[idx], i)
+        closer = _closer(t, depth.take(idx), pid.take(idx), i)
         if not closer.any():
             continue
-        sel = idx[closer]
-        depth[sel] = t[closer]
+        won = np.nonzero(closer)[0]
+        sel = idx.take(won)
+        t_hit = t.take(won)
+        depth[sel] = t_hit
         pid[sel] = i
-        p_local[sel] = o + t[closer, None] * d[closer]
-        n_local[sel] = nl[closer]
+        p_local[sel] = o + t_hit[:, None] * d.take(won, axis=0)
+        n_local[sel] = nl.take(won, axis=0)
     return Trace(depth=depth, pid=pid, p_local=p_local, n_local=n_local, rays=rays)

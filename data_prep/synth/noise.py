@@ -44,16 +44,21 @@ _OCTAVE_SHIFT = np.random.default_rng(7).uniform(0, 1000, size=(8, 3)).astype(np
 
 
 def mix32(h: np.ndarray) -> np.ndarray:
-    """Avalanche a uint32 array (lowbias32 finaliser); wraps silently."""
+    """Avalanche a uint32 array (lowbias32 finaliser); wraps silently. ``h`` is not modified."""
     h = h ^ (h >> np.uint32(16))
-    h = h * _M1
-    h = h ^ (h >> np.uint32(15))
-    h = h * _M2
-    return h ^ (h >> np.uint32(16))
+    # in place from here on: integer ops, so the result is exact whatever the temporaries
+    h *= _M1
+    h ^= h >> np.uint32(15)
+    h *= _M2
+    h ^= h >> np.uint32(16)
+    return h
 
 
 def _to_unit(h: np.ndarray) -> np.ndarray:
-    return h.astype(np.float32) * np.float32(2.0 / 4294967296.0) - np.float32(1.0)
+    x = h.astype(np.float32)
+    x *= np.float32(2.0 / 4294967296.0)  # the same float32 operations as x * a - 1, without temporaries
+    x -= np.float32(1.0)
+    return x
 
 
 def _lattice(x: np.ndarray) -> np.ndarray:
@@ -72,7 +77,7 @@ def cell_hash(*coords: np.ndarray, seed: int = 0) -> np.ndarray:
 def value_noise(p: np.ndarray) -> np.ndarray:
     """Smooth 3-D value noise in [-1, 1] at points ``p`` (N,3), float32, quintic blend."""
     cell = np.floor(p)
-    f = (p - cell).astype(np.float32)
+    f = (p - cell).astype(np.float32, copy=False)
     c = cell.astype(np.int64).astype(np.uint32)
     hx = (c[:, 0] * _PX, c[:, 0] * _PX + _PX)
     hy = (c[:, 1] * _PY, c[:, 1] * _PY + _PY)
@@ -82,8 +87,9 @@ def value_noise(p: np.ndarray) -> np.ndarray:
     corner = {}
     for i in (0, 1):
         for j in (0, 1):
+            hxy = hx[i] + hy[j]
             for k in (0, 1):
-                corner[i, j, k] = _to_unit(mix32(hx[i] + hy[j] + hz[k]))
+                corner[i, j, k] = _to_unit(mix32(hxy + hz[k]))
     x00 = corner[0, 0, 0] + wx * (corner[1, 0, 0] - corner[0, 0, 0])
     x10 = corner[0, 1, 0] + wx * (corner[1, 1, 0] - corner[0, 1, 0])
     x01 = corner[0, 0, 1] + wx * (corner[1, 0, 1] - corner[0, 0, 1])
@@ -134,9 +140,14 @@ def fbm(
         live = weight > 0
         if not live.any():
             break
-        idx = np.nonzero(live)[0] if not live.all() else slice(None)
-        q = (p[idx] / lam_k[idx, None]) @ _ROT[k % len(_ROT)] + _OCTAVE_SHIFT[k % len(_OCTAVE_SHIFT)]
-        total[idx] += np.float32(amp) * weight[idx] * value_noise(q)
+        if live.all():
+            q = (p / lam_k[:, None]) @ _ROT[k % len(_ROT)] + _OCTAVE_SHIFT[k % len(_OCTAVE_SHIFT)]
+            total += np.float32(amp) * weight * value_noise(q)
+        else:  # only the points where this octave survives (``take``: a fast gather)
+            idx = np.nonzero(live)[0]
+            q = (p.take(idx, axis=0) / lam_k.take(idx)[:, None]) @ _ROT[k % len(_ROT)]
+            q += _OCTAVE_SHIFT[k % len(_OCTAVE_SHIFT)]
+            total[idx] += np.float32(amp) * weight.take(idx) * value_noise(q)
         amp *= gain
     return total * np.float32(1.7 / norm)
 

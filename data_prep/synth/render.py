@@ -22,7 +22,7 @@ SUBSAMPLES = np.array([(-0.125, -0.375), (0.375, -0.125), (0.125, 0.375), (-0.37
 
 
 def sample_seed(seed: int, split: str, style: str, index: int) -> np.random.SeedSequence:
-    """Independent random stream per (seed, split, style, index); train and val never coincide."""
+    """Independent random stream per (seed, split, style, index): train, val and test never share a scene."""
     return np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), zlib.crc32(style.encode()), int(index)])
 
 
@@ -110,7 +110,7 @@ def render_sample(
 
     Args:
         index: sample number within the split.
-        split: "train" or "val" (any string; it only seeds the scene).
+        split: "train", "val" or "test" (any string; it only seeds the scene).
         size: (H, W) in pixels.
         style: "city" or "game".
         seed: dataset seed.

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="synthetic shard directory (default <out>/data/synthetic)")
     p.add_argument("--num-train", type=int, default=600, help="synthetic training triplets to generate")
     p.add_argument("--num-val", type=int, default=100, help="synthetic validation samples to generate")
+    p.add_argument("--num-test", type=int, default=100, help="synthetic held-out test samples to generate")
     p.add_argument("--sde-steps", type=int, default=None, help="override the SDE stage's steps")
     p.add_argument("--seg-steps", type=int, default=None, help="override the semi-supervised stage's steps")
     p.add_argument("--baseline", action="store_true",
@@ -37,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.synthetic import generate
     from sdeseg.config import load_config
     from sdeseg.data.manifest import MANIFEST_NAME
+    from sdeseg.launch import run_stage
     from sdeseg.report import print_summary_table, write_report
-    from sdeseg.runtime.launch import run_stage
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not (data_root / MANIFEST_NAME).exists():
         print(f"[demo] generating the synthetic dataset into {data_root}")
-        generate(str(data_root), num_train=args.num_train, num_val=args.num_val)
+        generate(str(data_root), num_train=args.num_train, num_val=args.num_val, num_test=args.num_test)
     times["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -109,7 +109,10 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
     """Raw tar members -> numpy sample.
 
     Returns ``{"key", "meta", "frames": {fid: (H,W,3) uint8}, "label": (H,W) uint8 | None,
-    "depth": (H,W) float32 | None}``. Raises SampleError naming the key and member.
+    "depth": (H,W) float32 | None}``. Raises SampleError naming the key and member when a
+    member is missing or undecodable, or disagrees with the contract: json without a finite
+    3x3 ``K``, ``T_prev``/``T_next`` present but not finite 4x4, a neighbour frame, label or
+    depth of another size than the cur frame.
     """
     key = members.get("__key__", "?")
     if "json" not in members:
@@ -118,7 +121,15 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
         meta = json.loads(members["json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise SampleError(f"{key}: json member is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise SampleError(f"{key}: json member is a {type(meta).__name__}, expected an object")
+    # checked here, not where they are used: a malformed sample must be skipped and counted
+    # like an undecodable one, not crash a reader worker later (augment reads K and T)
+    _check_matrix(meta, "K", 3, key, required=True)
+    _check_matrix(meta, "T_prev", 4, key)
+    _check_matrix(meta, "T_next", 4, key)
     out: dict[str, Any] = {"key": key, "meta": meta, "frames": {}, "label": None, "depth": None}
+    decoded_from: dict[int, str] = {}  # frame id -> member name, for messages
     for fid in frames:
         name = FRAME_NAMES[fid]
         member = next((f"{name}.{ext}" for ext in IMAGE_EXTS if f"{name}.{ext}" in members), None)
@@ -133,9 +144,13 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
         if img.ndim != 3 or img.shape[2] != 3:
             raise SampleError(f"{key}: {member} is not an RGB image (shape {img.shape})")
         out["frames"][fid] = img
+        decoded_from[fid] = member
     h, w = out["frames"][0].shape[:2]
     if (meta.get("height"), meta.get("width")) != (h, w):
         raise SampleError(f"{key}: json says {meta.get('height')}x{meta.get('width')}, cur frame is {h}x{w}")
+    for fid, img in out["frames"].items():
+        if img.shape[:2] != (h, w):
+            raise SampleError(f"{key}: {decoded_from[fid]} is {img.shape[:2]}, the cur frame is {(h, w)}")
     if "label.png" in members:
         try:
             out["label"] = decode_image(members["label.png"])
@@ -145,7 +160,23 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
             raise SampleError(f"{key}: label.png is {out['label'].shape}, frame is {(h, w)}")
     if "depth.npy" in members:
         try:
-            out["depth"] = np.load(io.BytesIO(members["depth.npy"]), allow_pickle=False).astype(np.float32)
+            out["depth"] = np.load(io.BytesIO(members["depth.npy"]), allow_pickle=False).astype(np.float32, copy=False)
         except Exception as e:
             raise SampleError(f"{key}: cannot decode depth.npy ({type(e).__name__}: {e})") from e
+        if out["depth"].shape != (h, w):
+            raise SampleError(f"{key}: depth.npy is {out['depth'].shape}, frame is {(h, w)}")
     return out
+
+
+def _check_matrix(meta: dict[str, Any], name: str, n: int, key: str, required: bool = False) -> None:
+    """SampleError unless ``meta[name]`` is an n x n matrix of finite numbers (absent: only if required)."""
+    if name not in meta:
+        if required:
+            raise SampleError(f"{key}: json member has no {name}")
+        return
+    try:
+        m = np.asarray(meta[name], dtype=np.float64)
+    except (TypeError, ValueError):  # strings, None, ragged lists
+        raise SampleError(f"{key}: json member's {name} is not a numeric matrix: {meta[name]!r:.80}") from None
+    if m.shape != (n, n) or not np.isfinite(m).all():
+        raise SampleError(f"{key}: json member's {name} must be {n}x{n} finite numbers, got {meta[name]!r:.80}")
