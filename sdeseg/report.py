@@ -189,13 +189,13 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
 
     lines = ["# sdeseg demo report", "", "## Summary", "", "| metric | value |", "| --- | --- |"]
     for k, v in sorted(summary.items()):
-        if not k.startswith("seg/iou/"):
+        if "seg/iou/" not in k:
             lines.append(f"| {k} | {_fmt(v)} |")
-    lines += ["", "## Per-class IoU (validation)", "", "| class | IoU |", "| --- | --- |"]
+    lines += ["", "## Per-class IoU", "", "| class | test IoU | val IoU |", "| --- | --- | --- |"]
     for name in class_names():
-        v = summary.get(f"seg/iou/{name}")
-        if v is not None:
-            lines.append(f"| {name} | {_fmt(v)} |")
+        test, val = summary.get(f"test/seg/iou/{name}"), summary.get(f"seg/iou/{name}")
+        if test is not None or val is not None:
+            lines.append(f"| {name} | {_fmt(test)} | {_fmt(val)} |")
     lines += ["", "## Figures", ""]
     for name, caption in (("inputs", "Input triplets (t-1, t, t+1)"),
                           ("depth", "Ground-truth vs predicted depth (SDE stage)"),
@@ -209,6 +209,8 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
@@ -216,7 +218,8 @@ def _fmt(v) -> str:
 
 def print_summary_table(summary: dict) -> None:
     keys = ["depth/abs_rel", "depth/abs_rel_baseline", "depth/a1", "depth/a1_baseline", "seg/miou",
-            "seg/miou_supervised_baseline", "seg/acc"]
+            "seg/miou_supervised_baseline", "seg/acc", "test/depth/abs_rel", "test/depth/abs_rel_baseline",
+            "test/seg/miou", "test/seg/acc"]
     print("\n" + "=" * 46)
     print(f"{'metric':<32}{'value':>14}")
     print("-" * 46)

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         times["baseline"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    summary = {k: v for k, v in sde.items() if k.startswith("depth/")}
-    summary.update({k: v for k, v in seg.items() if k.startswith("seg/")})
+    summary = {k: v for k, v in sde.items() if k.startswith(("depth/", "test/depth/"))}
+    summary.update({k: v for k, v in seg.items() if k.startswith(("seg/", "test/seg/"))})
     if baseline is not None:
         summary["seg/miou_supervised_baseline"] = baseline["seg/miou"]
     report_path = write_report(out / "report", data_root, out / "runs", sde_export,
