@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def _engines(preset: str, overrides: list[str], run_root: Path):
+def _engines(preset: str, overrides: list[str], run_root: Path, precisions: list[str]):
     """(cfg, ctx, engine, extra) per precision for ``preset``; extra holds the stage's other parts."""
     from sdeseg.config import load_config
     from sdeseg.models import EMATeacher, build_sde_model
@@ -29,7 +29,7 @@ def _engines(preset: str, overrides: list[str], run_root: Path):
     from sdeseg.stages import semiseg
 
     out = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         cfg = load_config(preset, overrides + [f"runtime.precision={precision}", "runtime.num_workers=1"])
         ctx = StageContext(cfg, run_root / f"{preset}_{precision}", 0, 1, torch.device("cpu"))
         torch.manual_seed(0)
@@ -43,13 +43,14 @@ def _engines(preset: str, overrides: list[str], run_root: Path):
     return out
 
 
-def bench(preset: str, overrides: list[str], steps: int, rounds: int) -> dict[str, float]:
+def bench(preset: str, overrides: list[str], steps: int, rounds: int,
+          precisions: list[str] = ("fp32", "bf16")) -> dict[str, float]:
     """Median seconds per optimizer step of ``preset``'s train_step, per precision."""
     from sdeseg.stages import sde, semiseg
 
     with tempfile.TemporaryDirectory() as tmp:
-        engines = _engines(preset, overrides, Path(tmp))
-        cfg, ctx, _, _ = engines["fp32"]
+        engines = _engines(preset, overrides, Path(tmp), list(precisions))
+        cfg, ctx, _, _ = engines[precisions[0]]
         stream = iter(ctx.train_stream(frames=(-1, 0, 1) if cfg.stage == "sde" else (0,), num_workers=0))
         batches = [next(stream) for _ in range(steps)]
         labeled = None
@@ -58,7 +59,7 @@ def bench(preset: str, overrides: list[str], steps: int, rounds: int) -> dict[st
 
             pool = iter(ctx.labeled_pool(labeled_keys_for(cfg.data)))
             labeled = [next(pool) for _ in range(steps)]
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        times: dict[str, list[float]] = {p: [] for p in precisions}
         for r in range(rounds + 1):  # round 0 warms up (allocator, first-call overheads)
             for precision, (c, cx, engine, extra) in engines.items():
                 gen = torch.Generator().manual_seed(0)
@@ -83,18 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per round and precision")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (runtime.torch_threads)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--stages", nargs="+", default=["sde", "semiseg"], choices=["sde", "semiseg"])
     args = p.parse_args(argv)
     from sdeseg.runtime.engine import init_single_process_group
 
     torch.set_num_threads(args.threads)
     init_single_process_group()
-    rows = [("SDE (demo_sde)", "demo_sde", [f"data.root={args.data}"]),
-            ("semi-supervised DepthMix (demo_semiseg)", "demo_semiseg",
-             [f"data.root={args.data}", f"semiseg.sde_checkpoint={args.sde_export}"])]
-    print("| stage | fp32 s/step | bf16 s/step | bf16 / fp32 |\n|---|---|---|---|")
-    for name, preset, overrides in rows:
-        t = bench(preset, overrides, args.steps, args.rounds)
-        print(f"| {name} | {t['fp32']:.3f} | {t['bf16']:.3f} | {t['bf16'] / t['fp32']:.2f} |", flush=True)
+    rows = {"sde": ("SDE (demo_sde)", "demo_sde", [f"data.root={args.data}"]),
+            "semiseg": ("semi-supervised DepthMix (demo_semiseg)", "demo_semiseg",
+                        [f"data.root={args.data}", f"semiseg.sde_checkpoint={args.sde_export}"])}
+    precisions = args.precisions
+    both = len(precisions) == 2
+    print("| stage | " + " | ".join(f"{p} s/step" for p in precisions) + (" | bf16 / fp32 |" if both else " |"))
+    print("|---" * (len(precisions) + 1 + both) + "|")
+    for stage in args.stages:
+        name, preset, overrides = rows[stage]
+        t = bench(preset, overrides, args.steps, args.rounds, precisions)
+        cells = [f"{t[p]:.3f}" for p in precisions] + ([f"{t['bf16'] / t['fp32']:.2f}"] if both else [])
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

@@ -52,15 +52,16 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
     strongly augmented student input and the mixed teacher probabilities.
     """
     s = cfg.semiseg
-    images = ub.images[0]
-    if s.mix_labeled:
-        images = torch.cat([images, lb.images[0]])
+    n = ub.images[0].shape[0]
+    images = torch.cat([ub.images[0], lb.images[0]]) if s.mix_labeled else ub.images[0]
+    # the teacher labels only the unlabeled images (labeled ones bring their ground truth),
+    # unless its depth is wanted for the whole pool (online DepthMix depth)
+    online_depth = s.mix == "depthmix" and s.mix_depth == "online"
     with autocast():
-        t_out = teacher(images)
-    probs = F.softmax(t_out[("seg", 0)].float(), dim=1)
+        t_out = teacher(images if online_depth else ub.images[0])
+    probs = F.softmax(t_out[("seg", 0)][:n].float(), dim=1)
     if s.mix_labeled:
-        n = ub.images[0].shape[0]
-        probs = torch.cat([probs[:n], labels_to_probs(lb.label, probs.shape[1], s.ignore_index)])
+        probs = torch.cat([probs, labels_to_probs(lb.label, probs.shape[1], s.ignore_index)])
     if s.mix == "depthmix":
         if s.mix_depth == "pseudo":
             with autocast():
