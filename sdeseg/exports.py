@@ -31,11 +31,6 @@ def export_model_config(payload: dict) -> ModelConfig:
     return _build(ModelConfig, dict(payload["model_config"]), "model")
 
 
-def export_depth_range(payload: dict) -> DepthRange:
-    """The :class:`DepthRange` an export's disparity heads were trained with."""
-    return DepthRange.from_dict(payload["depth_range"])
-
-
 def load_depth_model(export: str | Path | dict):
     """(DepthModel in eval mode, its :class:`DepthRange`) from an SDE export's path, or from
     its payload when the caller has already read it (:func:`read_export`)."""
@@ -44,7 +39,7 @@ def load_depth_model(export: str | Path | dict):
     cfg.pretrained = None  # the export already holds trained weights
     model = build_depth_model(cfg)
     model.load_state_dict(payload["depth"], strict=True)
-    return model.eval(), export_depth_range(payload)
+    return model.eval(), DepthRange.from_dict(payload["depth_range"])
 
 
 def load_seg_model(path: str | Path):

@@ -25,7 +25,8 @@ def test_demo_runs_both_stages_and_writes_report_and_summary(synthetic_root, tmp
 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("depth/abs_rel", "depth/abs_rel_baseline", "depth/a1", "seg/miou", "seg/miou_supervised_baseline",
-                "seg/iou/road", "seg/iou/sky"):
+                "seg/iou/road", "seg/iou/sky", "test/depth/abs_rel", "test/depth/abs_rel_baseline", "test/seg/miou",
+                "test/seg/iou/road"):
         assert key in summary, key
     assert summary["depth/abs_rel"] > 0 and summary["depth/abs_rel_baseline"] > 0
     assert 0.0 <= summary["seg/miou"] <= 1.0 and 0.0 <= summary["seg/miou_supervised_baseline"] <= 1.0
