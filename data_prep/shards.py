@@ -120,12 +120,12 @@ def _sidecar(name: str) -> str:
     return name[: -len(".tar")] + ".json"
 
 
-def _tmp_name(path: str) -> str:
+def tmp_name(path: str) -> str:
     # uuid, not the pid: Ray tasks on different nodes may share pids
     return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
 
 
-def _write_tar_sample(tar: tarfile.TarFile, members: dict) -> None:
+def write_tar_sample(tar: tarfile.TarFile, members: dict) -> None:
     """Append one sample as ``<key>.<member>`` entries, the WebDataset convention.
 
     Written with the standard library rather than ``webdataset.TarWriter``: importing
@@ -145,8 +145,8 @@ def _write_tar_sample(tar: tarfile.TarFile, members: dict) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def _atomic_write_bytes(fs, path: str, data: bytes) -> None:
-    tmp = _tmp_name(path)
+def atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    tmp = tmp_name(path)
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
@@ -178,7 +178,7 @@ def convert_shard(
     num_classes = len(class_names())
     class_counts = np.zeros(num_classes, dtype=np.int64)
     final = join(path, plan.name)
-    tmp = _tmp_name(final)
+    tmp = tmp_name(final)
     side = join(path, _sidecar(plan.name))
     if fs.exists(side):
         # a stale record (other inputs or settings) must never vouch for the tar written next
@@ -201,7 +201,7 @@ def convert_shard(
                     label = decode_image(members["label.png"])
                     counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)
                     class_counts += counts[:num_classes]
-                _write_tar_sample(tar, members)
+                write_tar_sample(tar, members)
                 rows.append(
                     {
                         "key": job.key,
@@ -235,7 +235,7 @@ def convert_shard(
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,  # unaffected by other load on the machine
     }
-    _atomic_write_bytes(fs, side, json.dumps(record).encode())
+    atomic_write_bytes(fs, side, json.dumps(record).encode())
     return record
 
 
@@ -296,7 +296,7 @@ def _remove_stale(fs, path: str, plans: list[ShardPlan]) -> list[str]:
     return sorted(removed)
 
 
-def _remove_temporaries(fs, path: str) -> None:
+def remove_temporaries(fs, path: str) -> None:
     # leftovers of a killed run; one converter per output directory at a time
     for entry in fs.ls(path, detail=False):
         if TMP_MARK in entry.rsplit("/", 1)[-1]:
@@ -354,7 +354,7 @@ def write_shards(
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     plans = plan_shards(jobs, shard_size)
-    _remove_temporaries(fs, path)
+    remove_temporaries(fs, path)
 
     records, todo, conflicts = [], [], []
     for plan in plans:
@@ -394,7 +394,7 @@ def write_shards(
     skipped = [s for r in records for s in r["skipped"]]
     extra = {"settings": settings, "shards_resumed": resumed, **(extra_report or {})}
     report = build_report(out, jobs, rows, skipped, records, time.perf_counter() - start, len(todo), extra)
-    _atomic_write_bytes(fs, join(path, REPORT_NAME), json.dumps(report, indent=2).encode())
+    atomic_write_bytes(fs, join(path, REPORT_NAME), json.dumps(report, indent=2).encode())
     if not rows:
         first = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
         raise PrepError(
@@ -413,7 +413,7 @@ def write_shards(
     report["removed_stale_files"] = _remove_stale(fs, path, plans)
     report["manifest_rows_kept"] = len(kept)
     write_manifest(out, kept + rows)
-    _atomic_write_bytes(fs, join(path, REPORT_NAME), json.dumps(report, indent=2).encode())
+    atomic_write_bytes(fs, join(path, REPORT_NAME), json.dumps(report, indent=2).encode())
     return report
 
 

@@ -1,7 +1,8 @@
 """The ``sdeseg`` command.
 
-Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config) and
-``demo`` (the whole pipeline on the embedded synthetic dataset). Heavy modules are
+Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config), ``demo``
+(the whole pipeline on the embedded synthetic dataset), and for trained models ``eval``,
+``predict``, ``infer`` (derived datasets) and ``export`` (safetensors, ONNX). Heavy modules are
 imported inside each handler so ``--help`` stays instant. Errors in the input (config,
 dataset, export file) end with a message naming the key or file and exit code 2.
 """
@@ -23,6 +24,10 @@ PREP_TARGETS = {
 COMMANDS = {
     "train": ("sdeseg.commands.train", "train one stage from a config file (on a Ray cluster)"),
     "demo": ("sdeseg.commands.demo", "synthetic data -> SDE -> semi-supervised segmentation -> report"),
+    "eval": ("sdeseg.commands.evaluate", "score an exported model on a split (mIoU, depth errors)"),
+    "predict": ("sdeseg.commands.predict", "write an exported model's predictions for images as PNG files"),
+    "infer": ("sdeseg.commands.infer", "write a derived dataset of predictions (Ray Data model actors)"),
+    "export": ("sdeseg.commands.export", "convert an export to safetensors or ONNX"),
 }
 
 PREP_HELP = {
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, DatasetError, ExportError) as e:
+    except (ConfigError, DatasetError, ExportError, FileNotFoundError) as e:
         print(f"sdeseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

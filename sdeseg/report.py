@@ -216,10 +216,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def print_summary_table(summary: dict) -> None:
-    keys = ["depth/abs_rel", "depth/abs_rel_baseline", "depth/a1", "depth/a1_baseline", "seg/miou",
-            "seg/miou_supervised_baseline", "seg/acc", "test/depth/abs_rel", "test/depth/abs_rel_baseline",
-            "test/seg/miou", "test/seg/acc"]
+def print_summary_table(summary: dict, per_class: bool = False) -> None:
+    """The headline metrics of ``summary`` (and, with ``per_class``, every ``.../iou/<class>``)."""
+    keys = ["depth/abs_rel", "depth/abs_rel_baseline", "depth/abs_rel_ratio", "depth/a1", "depth/a1_baseline",
+            "depth/rmse", "seg/miou", "seg/miou_supervised_baseline", "seg/acc", "test/depth/abs_rel",
+            "test/depth/abs_rel_baseline", "test/seg/miou", "test/seg/acc"]
+    if per_class:
+        keys += [k for k in summary if "/iou/" in k]
     print("\n" + "=" * 46)
     print(f"{'metric':<32}{'value':>14}")
     print("-" * 46)

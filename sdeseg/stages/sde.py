@@ -19,6 +19,7 @@ import time
 import torch
 
 from sdeseg.config import Config
+from sdeseg.evaluate import accumulate, depth_summary
 from sdeseg.losses.depth import sde_loss
 from sdeseg.metrics import DepthMetric
 from sdeseg.models import DepthRange, build_sde_model, frozen_imagenet_encoder
@@ -46,39 +47,15 @@ def train_step(engine, batch, cfg: Config, imagenet=None) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def predict_depth(model, image: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
-    """(B,3,H,W) image in [0,1] -> (B,1,H,W) float32 depth (scale-ambiguous, from the finest disparity)."""
-    return depth_range.depth(model.depth(image)[("disp", 0)])
-
-
-@torch.no_grad()
 def validate(model, cfg: Config, ctx: StageContext, split: str | None = None) -> dict[str, float]:
     """Median-scaled depth errors of the model and of a constant prediction on ``split``
     (default ``data.val_split``), over all ranks (every rank must call this)."""
-    loader = ctx.val_loader(split, max_batches=0 if split else None)
-    depth_range = DepthRange.from_config(cfg.depth_loss)
-    was_training = model.training
-    model.eval()
     ours, const = DepthMetric(), DepthMetric()
-    for batch in loader:
-        if batch.depth is None:
-            continue
-        batch = batch.to(ctx.device)
-        with ctx.autocast():
-            pred = predict_depth(model, batch.images[0], depth_range)
-        ours.update(pred.cpu(), batch.depth.cpu())
-        const.update(torch.ones_like(batch.depth).cpu(), batch.depth.cpu())
-    model.train(was_training)
+    accumulate(model, ctx.val_loader(split, max_batches=0 if split else None), ctx.device, depth=(ours, const),
+               depth_range=DepthRange.from_config(cfg.depth_loss), autocast=ctx.autocast)
     ours.sums = ctx.all_reduce_sum(ours.state())  # one all-reduce per metric per validation
     const.sums = ctx.all_reduce_sum(const.state())
-    metrics = {f"depth/{k}": v for k, v in ours.compute().items()}
-    base = const.compute()
-    metrics["depth/abs_rel_baseline"] = base["abs_rel"]
-    metrics["depth/a1_baseline"] = base["a1"]
-    metrics["depth/rmse_baseline"] = base["rmse"]
-    if not math.isnan(metrics["depth/abs_rel"]):
-        metrics["depth/abs_rel_ratio"] = metrics["depth/abs_rel"] / base["abs_rel"]
-    return metrics
+    return depth_summary(ours, const)
 
 
 def export_payload(model, cfg: Config, step: int, metrics: dict) -> dict:

@@ -22,6 +22,7 @@ from sdeseg.config import Config, ConfigError
 from sdeseg.data.classes import class_names
 from sdeseg.data.labeled import check_labeled_keys, labeled_keys_for
 from sdeseg.data.shardio import ShardIndex
+from sdeseg.evaluate import accumulate, seg_summary
 from sdeseg.exports import load_depth_model, read_export
 from sdeseg.losses.depth import sde_loss
 from sdeseg.losses.seg import pseudo_label_seg_loss, supervised_seg_loss
@@ -134,23 +135,11 @@ def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Gener
 def validate(model, cfg: Config, ctx: StageContext, prefix: str = "seg", split: str | None = None) -> dict[str, float]:
     """mIoU, per-class IoU and pixel accuracy on ``split`` (default ``data.val_split``), over all
     ranks (every rank must call this)."""
-    loader = ctx.val_loader(split, max_batches=0 if split else None)
-    was_training = model.training
-    model.eval()
     metric = SegmentationMetric(cfg.model.num_classes, cfg.semiseg.ignore_index)
-    for batch in loader:
-        if batch.label is None:
-            continue
-        batch = batch.to(ctx.device)
-        with ctx.autocast():
-            logits = model(batch.images[0])[("seg", 0)]
-        metric.update(logits.argmax(1), batch.label)
-    model.train(was_training)
+    accumulate(model, ctx.val_loader(split, max_batches=0 if split else None), ctx.device, seg=metric,
+               autocast=ctx.autocast)
     metric.confusion = ctx.all_reduce_sum(metric.confusion)
-    res = metric.compute()
-    out = {f"{prefix}/miou": res["miou"], f"{prefix}/acc": res["acc"]}
-    out.update({f"{prefix}/iou/{name}": v for name, v in zip(class_names(), res["iou"])})
-    return out
+    return seg_summary(metric, prefix)
 
 
 def needs_sde_export(cfg: Config) -> tuple[bool, bool]:

@@ -1,0 +1,83 @@
+"""Derived datasets (``sdeseg infer``): predictions stored by source sample key, joined back by key.
+
+A derived dataset has the layout of a shard dataset — tar shards and a ``manifest.parquet``
+— whose keys are the keys of the source samples it was computed from (see ``sdeseg.infer``
+for its members). Source shards are never rewritten: a consumer reads the source stream and
+looks its keys up here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdeseg.data.codec import decode_image
+from sdeseg.data.manifest import DatasetError, join
+from sdeseg.data.shardio import ShardIndex, scan_shard
+
+
+def decode_member(name: str, data: bytes) -> np.ndarray:
+    """A derived member's array: ``.npy`` loaded (no pickle), ``.png`` decoded."""
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if name.endswith(".png"):
+        return decode_image(data)
+    raise ValueError(f"unknown derived member type {name!r}")
+
+
+class DerivedDataset:
+    """Read-only view of a derived dataset by source key.
+
+    ``info`` is its ``derived.json`` (the model, the source root and the outputs it was made with).
+    """
+
+    def __init__(self, root: str):
+        import fsspec
+
+        self.root = root
+        self.index = ShardIndex.load(root)
+        fs, path = fsspec.core.url_to_fs(root)
+        try:
+            self.info: dict[str, Any] = json.loads(fs.cat(join(path, "derived.json")))
+        except FileNotFoundError as e:
+            raise DatasetError(f"{join(root, 'derived.json')} does not exist: {root} is not a derived dataset") from e
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index.rows
+
+    def __len__(self) -> int:
+        return len(self.index.rows)
+
+    def read(self, keys: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
+        """``{key: {member name: array}}`` for ``keys``; DatasetError naming missing keys."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self.index.rows]
+        if missing:
+            raise DatasetError(f"{self.root} has no derived sample for {len(missing)} key(s), e.g. {missing[:3]} "
+                               f"(made from {self.info.get('settings', {}).get('source')})")
+        by_shard: dict[str, list[int]] = {}
+        for k in keys:
+            row = self.index.rows[k]
+            by_shard.setdefault(row["shard"], []).append(int(row["index"]))
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for shard, positions in by_shard.items():
+            for _, members in scan_shard(self.root, shard, self.index.shard_keys[shard], positions):
+                out[members["__key__"]] = {n: decode_member(n, d) for n, d in members.items() if n != "__key__"}
+        return {k: out[k] for k in keys}
+
+    def join(self, keys: Iterable[str], member: str) -> torch.Tensor:
+        """One member of ``keys`` stacked along a new batch dimension, e.g. ``join(batch.keys,
+        "pseudo_depth.npy")`` -> (B,H,W) for a validation batch. The arrays are the model's
+        outputs at the stored size: an augmented (cropped, flipped) batch needs the same
+        transform applied to them."""
+        samples = self.read(keys)
+        try:
+            return torch.from_numpy(np.stack([samples[k][member] for k in samples]))
+        except KeyError as e:
+            raise DatasetError(f"{self.root}: no member {member!r} (it holds {sorted(next(iter(samples.values())))})"
+                               ) from e
