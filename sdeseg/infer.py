@@ -181,7 +181,8 @@ def read_image(url: str) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H,W,3) uint8 -> (1,3,H,W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    # decoded images are read-only numpy views (PIL buffers): torch needs a writable copy then
+    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 # ----------------------------------------------------------------------------- derived datasets
