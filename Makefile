@@ -5,17 +5,21 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdeseg-installed
-# torch is pinned so pip keeps the local CPU build instead of pulling CUDA wheels;
-# PIP_CONSTRAINT also reaches the isolated build environments of source packages.
-export PIP_CONSTRAINT := $(CURDIR)/.ci/constraints.txt
+# One pin list for every install, here and in the Dockerfile (requirements/lock.txt; `make lock`
+# rewrites it). It pins torch to 2.13.0: where a local CPU build of that version is on disk pip
+# keeps it, elsewhere on Linux x86_64 the index serves the CUDA build. pip >= 26.2 no longer lets
+# PIP_CONSTRAINT reach the isolated build environments of source packages: PIP_BUILD_CONSTRAINT does.
+LOCK := $(CURDIR)/requirements/lock.txt
+export PIP_CONSTRAINT := $(LOCK)
+export PIP_BUILD_CONSTRAINT := $(LOCK)
 export RAY_AUTH_MODE ?= disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean lock gpu-check
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml .ci/constraints.txt
+$(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -28,8 +32,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Rewrite requirements/lock.txt from what .venv has installed plus the image's resolve (tune/lock.py).
+lock:
+	test -x $(BIN)/python || { echo "no $(VENV): run make install first"; exit 1; }
+	$(BIN)/python -m tune.lock
+
+# On a CUDA machine: CUDA tests, op benchmark, short SDE and semi-supervised runs with the Triton
+# and the reference ops; one table in gpu_check/gpu_check.md (+ .json). Exits 2 without CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python -m tune.gpu_check --out gpu_check
+
 lint: $(STAMP)
 	$(BIN)/ruff check sdeseg data_prep tune tests
 
 clean:
-	rm -rf $(VENV) demo_out runs
+	rm -rf $(VENV) demo_out runs gpu_check

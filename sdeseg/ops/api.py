@@ -13,6 +13,11 @@ from sdeseg.ops.inverse_warp.reference import inverse_warp_reference
 from sdeseg.ops.photometric_error.reference import photometric_error_reference
 
 BACKENDS = ("auto", "reference", "triton")
+# Whether "auto" runs the fused Triton kernels on CUDA tensors. False until the kernels have passed
+# `make gpu-check` (CUDA kernel tests, and SDE / semi-supervised runs that match the reference ops)
+# on a real GPU: so far they are only tested under the CPU interpreter and compiled, never run.
+# After a passing check, set True and put its table in BENCHMARKS.md. "triton" forces them anyway.
+AUTO_USES_TRITON_ON_CUDA = False
 _forced: str | None = None
 
 
@@ -45,7 +50,8 @@ def _fused_available(op: str, backend: str) -> bool:
         if not has_impl:
             raise RuntimeError(f"ops backend 'triton' requested but sdeseg.ops.{op} has no fused kernel")
         return True
-    return has_impl and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return (AUTO_USES_TRITON_ON_CUDA and has_impl and torch.cuda.is_available()
+            and importlib.util.find_spec("triton") is not None)
 
 
 def _on_cuda(*tensors: torch.Tensor) -> bool:
