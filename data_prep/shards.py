@@ -288,7 +288,7 @@ def _remove_stale(fs, path: str, plans: list[ShardPlan]) -> list[str]:
     prefixes = {p.name.rsplit("-", 1)[0] + "-" for p in plans}
     pattern = re.compile(r"-\d{5}\.(tar|json)$")
     removed = []
-    for entry in fs.ls(path, detail=False):
+    for entry in list_dir(fs, path):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name not in wanted and pattern.search(name) and any(name.startswith(p) for p in prefixes):
             fs.rm(entry)
@@ -296,9 +296,18 @@ def _remove_stale(fs, path: str, plans: list[ShardPlan]) -> list[str]:
     return sorted(removed)
 
 
+def list_dir(fs, path: str) -> list[str]:
+    """Entries under ``path``; empty when it does not exist (an object-store prefix with
+    nothing under it does not exist: ``makedirs`` cannot create it)."""
+    try:
+        return fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+
+
 def remove_temporaries(fs, path: str) -> None:
     # leftovers of a killed run; one converter per output directory at a time
-    for entry in fs.ls(path, detail=False):
+    for entry in list_dir(fs, path):
         if TMP_MARK in entry.rsplit("/", 1)[-1]:
             fs.rm(entry)
 

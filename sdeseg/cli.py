@@ -4,7 +4,9 @@ Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config),
 (the whole pipeline on the embedded synthetic dataset), and for trained models ``eval``,
 ``predict``, ``infer`` (derived datasets) and ``export`` (safetensors, ONNX). Heavy modules are
 imported inside each handler so ``--help`` stays instant. Errors in the input (config,
-dataset, export file) end with a message naming the key or file and exit code 2.
+dataset, export file) end with a message naming the key or file and exit code 2. Ray's and
+DeepSpeed's routine output is silenced unless ``-v``/``--verbose`` (before or after the
+subcommand; ``sdeseg.runtime.quiet``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,17 @@ PREP_HELP = {
 }
 
 
+VERBOSE_HELP = "also show Ray's and DeepSpeed's routine logs and library warnings (sets runtime.verbose)"
+
+
+def _add_verbose(p: argparse.ArgumentParser, default) -> None:
+    # on the subcommands with default SUPPRESS, so `sdeseg train -v` works and `sdeseg -v train` is kept
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help=VERBOSE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdeseg", description=__doc__.split("\n\n")[0])
+    _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     prep = sub.add_parser("prep", help="convert a dataset into WebDataset shards + manifest")
     prep_sub = prep.add_subparsers(dest="target", required=True, metavar="DATASET")
@@ -46,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(module)
         p = prep_sub.add_parser(name, help=PREP_HELP[name], description=PREP_HELP[name])
         mod.add_arguments(p)
+        _add_verbose(p, argparse.SUPPRESS)
         p.set_defaults(handler=mod.run)
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
+        _add_verbose(p, argparse.SUPPRESS)
         p.set_defaults(handler=mod.run)
     return parser
 
@@ -65,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w not in stray) or ' '.join(stray)}")
     if stray:
         args.overrides = list(args.overrides) + stray
+    from sdeseg.runtime.quiet import setup_console
+
+    setup_console(args.verbose)
     from sdeseg.config import ConfigError
     from sdeseg.data.manifest import DatasetError
     from sdeseg.exports import ExportError
+    from sdeseg.runtime.checkpoint import CheckpointIntegrityError
 
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, DatasetError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, ExportError, FileNotFoundError, CheckpointIntegrityError) as e:
         print(f"sdeseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

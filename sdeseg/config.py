@@ -271,7 +271,11 @@ class RuntimeConfig:
     sync_batchnorm: bool = True
     ops_backend: Literal["auto", "reference", "triton"] = "auto"
     in_process: bool = False  # run the stage in this process without Ray (tests, debugging)
-    metrics_port: int = 0  # >0: Prometheus endpoint on rank 0 at this port
+    # Prometheus (sdeseg.runtime.telemetry): in-process runs serve the metrics at this port (0: off);
+    # on Ray they always go to each node's Ray metrics-export port (names prefixed ray_)
+    metrics_port: int = 0
+    progress: bool = True  # rank 0 logs a progress line at every train.log_every (step, losses, ETA)
+    verbose: bool = False  # keep Ray Train's INFO logs and the libraries' known-noise warnings (sdeseg -v)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "runtime.num_workers", "must be >= 1")
@@ -281,6 +285,7 @@ class RuntimeConfig:
         _check(self.zero_stage in (0, 1, 2), "runtime.zero_stage", "must be 0, 1 or 2")
         _check(self.grad_accum >= 1, "runtime.grad_accum", "must be >= 1")
         _check(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+        _check(0 <= self.metrics_port <= 65535, "runtime.metrics_port", "must be a port number (0: off)")
         if self.precision == "fp16" and not self.use_gpu:
             raise ConfigError("runtime.precision: fp16 needs runtime.use_gpu=true (use bf16 or fp32 on CPU)")
 

@@ -51,7 +51,15 @@ class ExportError(ValueError):
 
 
 def read_export(path: str | Path, kind: str | None = None) -> dict:
-    """The payload of an export (``.pt`` or ``.safetensors``), checked to be of ``kind`` when given."""
+    """The payload of an export (``.pt`` or ``.safetensors``; a local path or a URL such as
+    ``s3://bucket/runs/sde/run/export/best.pt``), checked to be of ``kind`` when given."""
+    from sdeseg.storage import fetch, is_url
+
+    if is_url(path):
+        try:
+            path = fetch(str(path))
+        except FileNotFoundError as e:
+            raise ExportError(f"{e} (run the stage that writes it first)") from e
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such export (run the stage that writes it first)")

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,9 @@ import torch
 
 from sdeseg.config import Config, ConfigError, from_dict, save_config
 from sdeseg.runtime.context import FAULT_ENV, StageContext
+from sdeseg.runtime.quiet import quiet_libraries, train_log_level
 from sdeseg.stages import stage_module
+from sdeseg.storage import RunStore, check_storage, fetch, is_url
 
 log = logging.getLogger("sdeseg")
 PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, "RAY_AUTH_MODE")
@@ -49,12 +53,25 @@ def preflight(cfg: Config) -> Config:
     cfg.semiseg.sde_checkpoint = _absolute(cfg.semiseg.sde_checkpoint)
     cfg.model.pretrained = _absolute(cfg.model.pretrained)
     cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
+    check_storage(cfg.data.root, "data.root", write=False)  # bucket, credentials, endpoint: one line each
     read_manifest(cfg.data.root)  # clear DatasetError for a missing/empty dataset
+    if not cfg.runtime.in_process:
+        check_storage(cfg.runtime.storage_path, "runtime.storage_path")
     files = {"data.labeled_keys": cfg.data.labeled_keys, "semiseg.sde_checkpoint": cfg.semiseg.sde_checkpoint,
              "model.pretrained": cfg.model.pretrained}
     for key, path in files.items():
-        if path is not None and "://" not in path and not Path(path).is_file():
+        if path is None:
+            continue
+        if is_url(path):
+            try:
+                fetch(path)  # downloaded once here, then from the same cache on this node's workers
+            except FileNotFoundError as e:
+                raise ConfigError(f"{key}: {e}") from e
+        elif not Path(path).is_file():
             raise ConfigError(f"{key}: file {path} does not exist")
+    if cfg.model.pretrained is None and cfg.model.encoder in ("resnet50", "resnet101"):  # the paper's encoders
+        log.warning("model.pretrained is not set: the %s encoder starts from random weights (the paper starts "
+                    "from ImageNet weights: set model.pretrained to a torchvision state_dict file)", cfg.model.encoder)
     check = getattr(stage_module(cfg.stage), "preflight", None)
     if check is not None:
         check(cfg)
@@ -86,13 +103,16 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     tmp.replace(run_dir / "summary.json")
 
 
-def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: torch.device, backend: str):
+def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: torch.device, backend: str,
+                store: RunStore | None = None):
     torch.set_num_threads(cfg.runtime.torch_threads)
     from sdeseg.ops import set_backend
 
     if cfg.runtime.ops_backend != "auto":  # "auto" leaves SDESEG_OPS_BACKEND in charge
         set_backend(cfg.runtime.ops_backend)
-    ctx = StageContext(cfg, run_dir, rank, world_size, device, backend=backend)
+    if is_url(cfg.model.pretrained):  # the models read local files; the runtime fetches
+        cfg.model.pretrained = str(fetch(cfg.model.pretrained))
+    ctx = StageContext(cfg, run_dir, rank, world_size, device, backend=backend, store=store)
     start = time.perf_counter()
     try:
         result = stage_module(cfg.stage).run(cfg, ctx)
@@ -103,6 +123,8 @@ def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: 
     summary["exports"] = result.exports
     if rank == 0:
         _write_summary(run_dir, summary)
+        if store is not None:
+            store.put(run_dir / "summary.json", "summary.json")
     return summary
 
 
@@ -123,47 +145,57 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     cfg = from_dict(loop_config["config"])
+    quiet_libraries(cfg.runtime.verbose)  # before DeepSpeed is imported
     run_dir = Path(loop_config["run_dir"])
+    store = RunStore(loop_config["store"]) if loop_config.get("store") else None
     ctx = ray.train.get_context()
+    if store is not None:  # files go to the store; this rank's scratch holds them meanwhile
+        run_dir = scratch_dir(f"{loop_config['run_name']}-{loop_config['attempt']}/rank_{ctx.get_world_rank()}")
     if cfg.runtime.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-    summary = _run_worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, "ray")
+    summary = _run_worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, "ray", store)
+    if store is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # everything is in the store
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))} | {"done": True})
 
 
 def ensure_ray(cfg: Config):
-    """Connect to RAY_ADDRESS or start a local cluster; fail early when resources can't exist."""
+    """Connect to RAY_ADDRESS or start a local cluster; fail early when the workers can never run.
+
+    A local cluster binds 127.0.0.1 only (node IP and dashboard). On a cluster that cannot
+    hold the workers now, an autoscaler may still add nodes: the request is refused only when
+    it provably never fits (the autoscaler's published limits, or no autoscaler at all), and
+    otherwise a warning says what Ray Train waits for (:mod:`sdeseg.runtime.cluster`)."""
     import ray
 
+    from sdeseg.runtime.cluster import assess, loopback_only, read_cluster_view
+
+    rt = cfg.runtime
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            need = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
+            need = rt.num_workers * rt.cpus_per_worker
             # workers inherit the settings that change behaviour (ops backend, test hooks)
             env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-            ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                     log_to_driver=True, runtime_env={"env_vars": env} if env else None)
-    total = ray.cluster_resources()
-    rt = cfg.runtime
-    if rt.use_gpu:
-        need_gpu = rt.num_workers * rt.gpus_per_worker
-        if total.get("GPU", 0) < need_gpu:
-            raise ConfigError(
-                f"runtime.use_gpu: the config asks for {need_gpu:g} GPUs ({rt.num_workers} workers x "
-                f"{rt.gpus_per_worker:g}) but the Ray cluster has {total.get('GPU', 0):g}"
-            )
-    need_cpu = rt.num_workers * rt.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(
-            f"runtime.cpus_per_worker: {rt.num_workers} workers x {rt.cpus_per_worker:g} CPUs = {need_cpu:g} "
-            f"but the Ray cluster has {total.get('CPU', 0):g} CPUs"
-        )
+            with loopback_only():
+                ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), _node_ip_address="127.0.0.1",
+                         dashboard_host="127.0.0.1", log_to_driver=True,
+                         runtime_env={"env_vars": env} if env else None)
+    bundle = {"CPU": rt.cpus_per_worker} | ({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})
+    verdict = assess(bundle, rt.num_workers, read_cluster_view(autoscaler_possible=False))
+    if verdict.status != "fits" and not started_here:  # no room now: can the cluster grow?
+        verdict = assess(bundle, rt.num_workers, read_cluster_view())
+    if verdict.status == "never":
+        raise ConfigError(verdict.message)
+    if verdict.status in ("scales", "waits"):
+        log.warning("waiting for resources: %s", verdict.message)
     return ray
 
 
@@ -172,32 +204,92 @@ def run_on_ray(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     cfg = preflight(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
     ensure_ray(cfg)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rt = cfg.runtime
+    name = ray_run_name(run_dir, rt.storage_path, rt.run_name)
+    store = RunStore.for_run(rt.storage_path, name)
+    if store is not None:
+        store.put(run_dir / "config.yaml", "config.yaml")
+        log.info("run %s: checkpoints, exports and metrics go to %s", name, store.url)
     resources = {"CPU": rt.cpus_per_worker}
     if rt.use_gpu:
         resources["GPU"] = rt.gpus_per_worker
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": name,
+                           "store": store.url if store else None, "attempt": uuid.uuid4().hex[:8]},
         torch_config=TorchConfig(backend="nccl" if rt.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=ray_run_name(run_dir, rt.storage_path, rt.run_name),
+            name=name,
             storage_path=rt.storage_path or str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=train_log_level(rt.verbose)),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train raises TrainingFailedError from fit()
+        cause = _input_error(e)
+        if cause is None:
+            raise
+        raise cause from None
     if result.error is not None:
-        raise result.error
+        raise _input_error(result.error) or result.error
+    if store is not None:
+        return _download_results(store, run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     return dict(result.metrics or {})
+
+
+def _input_error(error: BaseException) -> BaseException | None:
+    """The first error of the workers that is about the input (a tampered checkpoint, a bad
+    file, a config error found only there), unwrapped from Ray's wrappers, so the CLI shows
+    it in one line; None for other failures."""
+    from sdeseg.data.manifest import DatasetError
+    from sdeseg.exports import ExportError
+    from sdeseg.runtime.checkpoint import CheckpointIntegrityError
+
+    kinds = (CheckpointIntegrityError, ConfigError, DatasetError, ExportError, FileNotFoundError)
+    for failure in getattr(error, "worker_failures", {}).values():
+        seen = 0
+        while failure is not None and seen < 10:
+            if isinstance(failure, kinds):
+                return failure
+            # Ray Train wraps a worker's exception (UserExceptionWithTraceback._base_exc), Ray core too (.cause)
+            failure = (getattr(failure, "_base_exc", None) or getattr(failure, "cause", None)
+                       or failure.__cause__)
+            seen += 1
+    return None
+
+
+def scratch_dir(name: str) -> Path:
+    """A rank's working directory on its node for one ``fit()`` of a run whose files live in
+    object storage (a new one per invocation: nothing stale from an earlier one is picked up)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "sdeseg-runs" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _download_results(store: RunStore, run_dir: Path) -> dict[str, Any]:
+    """Copy a finished run's summary, metrics and exports from the store into the local run
+    directory; the summary's ``exports`` name the local copies, ``export_urls`` the originals."""
+    for rel in ("summary.json", "metrics.jsonl"):
+        if store.exists(rel):
+            store.get(rel, run_dir / rel)
+    local = {p.stem: str(p) for p in store.pull("export", run_dir / "export") if p.suffix == ".pt"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["export_urls"] = {name: store.uri(f"export/{Path(path).name}") for name, path in local.items()}
+    summary["exports"] = local
+    _write_summary(run_dir, summary)
+    return summary
 
 
 def run_stage(cfg: Config, run_dir: str | Path) -> dict[str, Any]:

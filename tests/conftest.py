@@ -31,3 +31,80 @@ def tiny_config(preset: str, root: str, *overrides: str):
     from sdeseg.config import load_config
 
     return load_config(preset, [f"data.root={root}", *TINY, *overrides])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "sdeseg-test", "AWS_SECRET_ACCESS_KEY": "sdeseg-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, in its own process.
+
+    Yields the environment that points boto3/s3fs/pyarrow at it (``AWS_ENDPOINT_URL`` and
+    test credentials); tests put it into ``os.environ`` themselves when they need it there."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    port = free_port()
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {url}") from None
+            time.sleep(0.2)
+    yield S3_ENV | {"AWS_ENDPOINT_URL": url}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+BUCKET = "sdeseg-test"
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server):
+    """The server's environment in os.environ (Ray workers inherit it) and an s3fs client."""
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    yield fs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_data(s3):
+    """The tiny synthetic dataset (as ``synthetic_root``) written by prep straight into the bucket."""
+    from data_prep.synthetic import generate
+
+    url = f"s3://{BUCKET}/data/city"
+    generate(url, num_train=24, num_val=8, num_test=8, size=(32, 64), seed=3, procs=1, shard_size=6, progress=False)
+    return url

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from sdeseg.launch import run_in_process
@@ -47,6 +48,29 @@ def test_sde_exact_resume(synthetic_root, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     ka, kb = _keys(tmp_path / "a"), _keys(tmp_path / "b")
     assert [ka[s] for s in range(1, 7)] == [kb[s] for s in range(1, 7)]
+
+
+def test_a_tampered_checkpoint_is_refused_before_it_is_loaded(synthetic_root, tmp_path):
+    from sdeseg.runtime.checkpoint import CheckpointIntegrityError, verify_checkpoint
+
+    run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2", "train.ckpt_every=2"), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "ckpt_000002"
+    assert verify_checkpoint(ckpt) >= 3  # the model/optimizer states, the rank file, DeepSpeed's 'latest'
+    model_file = next((ckpt / "state").glob("*model_states.pt"))
+    data = bytearray(model_file.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in a pickled file from a bucket
+    model_file.write_bytes(bytes(data))
+    resume = tiny_config("demo_sde", synthetic_root, "train.steps=4", "train.ckpt_every=2")
+    with pytest.raises(CheckpointIntegrityError, match=r"state/.*model_states\.pt does not match the sha256"):
+        run_in_process(resume, tmp_path)
+    model_file.write_bytes(bytes(data[:-100]) + b"x" * 100)  # and an extra file nobody wrote
+    (ckpt / "state" / "extra.pt").write_bytes(b"\x80")
+    with pytest.raises(CheckpointIntegrityError, match="extra.pt is not in any sha256 manifest"):
+        verify_checkpoint(ckpt)
+    for m in ckpt.glob("sha256_rank_*.json"):
+        m.unlink()
+    with pytest.raises(CheckpointIntegrityError, match="has no sha256 manifest"):
+        verify_checkpoint(ckpt)
 
 
 def test_in_process_world_leaves_no_rendezvous_port_to_child_processes():

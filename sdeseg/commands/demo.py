@@ -3,12 +3,16 @@
 synthetic data (generated if absent) -> SDE stage -> semi-supervised stage with DepthMix
 (initialised from the SDE model, DepthMix masks from its pseudo-depth) -> evaluation ->
 ``<out>/report/report.md`` with figures, and ``<out>/summary.json`` with flat keys.
+Each stage shows a progress bar, fed from its run's metrics.jsonl (the stages' progress
+lines are off).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -28,17 +32,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stage_overrides(args, data_root: str, extra: list[str]) -> list[str]:
-    out = [f"data.root={data_root}"] + list(extra)
+    out = [f"data.root={data_root}", "runtime.progress=false"] + list(extra)  # a bar per stage instead
+    if getattr(args, "verbose", False):
+        out.append("runtime.verbose=true")
     if args.in_process:
         out += ["runtime.in_process=true", "runtime.num_workers=1"]
     return out + list(args.overrides)
+
+
+def _follow(path: Path, bar, stop: threading.Event) -> None:
+    """Move ``bar`` to the step of each train record (or restart) appended to ``path`` until
+    ``stop``, then read what is left. A restart rewrites the file (a new inode): read it anew."""
+    from sdeseg.runtime.telemetry import PROGRESS_LOSSES, read_records
+
+    offset, inode = 0, None
+    while True:
+        done = stop.is_set()
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            ino = None
+        if ino != inode:
+            offset, inode = 0, ino
+        records, offset = read_records(path, offset)
+        for r in records:
+            if r.get("kind") == "train" or "event/resumed" in r:
+                bar.n = min(r["step"], bar.total)
+            if r.get("kind") == "train":
+                loss = next((k for k in PROGRESS_LOSSES if r.get(k) is not None), None)  # the total
+                shown = [f"{loss} {r[loss]:.4g}"] if loss else []
+                shown += [f"{r['perf/samples_per_s']:.1f} samples/s"] if r.get("perf/samples_per_s") else []
+                bar.set_postfix_str(", ".join(shown), refresh=False)
+        if records:  # redraw on news only: a log file gets one line per record, not per poll
+            bar.refresh()
+        if done:
+            return
+        stop.wait(0.5)
+
+
+def _run_with_bar(cfg, run_dir: Path, desc: str) -> dict:
+    """``run_stage`` with a progress bar. Rank 0 writes ``<run_dir>/metrics.jsonl`` on this
+    machine (in process, or a local Ray cluster), so a thread here follows it; with the run's
+    files in object storage the bar jumps to the end when the results come back."""
+    from tqdm import tqdm
+
+    from sdeseg.launch import run_stage
+    from sdeseg.runtime.telemetry import METRICS_FILE
+
+    run_dir = Path(run_dir).resolve()
+    stop = threading.Event()
+    with tqdm(total=cfg.train.steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        follower = threading.Thread(target=_follow, args=(run_dir / METRICS_FILE, bar, stop), daemon=True)
+        follower.start()
+        try:
+            return run_stage(cfg, run_dir)
+        finally:
+            stop.set()
+            follower.join()
 
 
 def run(args: argparse.Namespace) -> int:
     from data_prep.synthetic import generate
     from sdeseg.config import load_config
     from sdeseg.data.manifest import MANIFEST_NAME
-    from sdeseg.launch import run_stage
     from sdeseg.report import print_summary_table, write_report
 
     out = Path(args.out).resolve()
@@ -57,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     sde_over = [f"train.steps={args.sde_steps}"] if args.sde_steps else []
     sde_cfg = load_config("demo_pipeline_sde", _stage_overrides(args, str(data_root), sde_over))
     print("[demo] stage 1/2: self-supervised depth")
-    sde = run_stage(sde_cfg, out / "runs" / "sde")
+    sde = _run_with_bar(sde_cfg, out / "runs" / "sde", "sde")
     times["sde"] = time.perf_counter() - t0
     sde_export = sde["exports"].get("best") or sde["exports"]["last"]
 
@@ -66,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     seg_over += [f"train.steps={args.seg_steps}"] if args.seg_steps else []
     seg_cfg = load_config("demo_pipeline_semiseg", _stage_overrides(args, str(data_root), seg_over))
     print("[demo] stage 2/2: semi-supervised segmentation with DepthMix")
-    seg = run_stage(seg_cfg, out / "runs" / "semiseg")
+    seg = _run_with_bar(seg_cfg, out / "runs" / "semiseg", "semiseg")
     times["semiseg"] = time.perf_counter() - t0
 
     baseline = None
@@ -75,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         base_over = seg_over + ["semiseg.pseudo_label=false", "semiseg.transfer=false", "semiseg.mix=none"]
         base_cfg = load_config("demo_pipeline_semiseg", _stage_overrides(args, str(data_root), base_over))
         print("[demo] baseline: supervised only")
-        baseline = run_stage(base_cfg, out / "runs" / "supervised")
+        baseline = _run_with_bar(base_cfg, out / "runs" / "supervised", "supervised")
         times["baseline"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

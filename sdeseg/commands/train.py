@@ -1,4 +1,8 @@
-"""``sdeseg train CONFIG [--run-dir DIR] [key=value ...]``."""
+"""``sdeseg train CONFIG [--run-dir DIR] [key=value ...]``.
+
+Rank 0 logs a progress line every ``train.log_every`` steps (``runtime.progress``); on Ray,
+Ray forwards it to this console.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from sdeseg.config import load_config, resolve_preset
     from sdeseg.launch import run_stage
 
-    cfg = load_config(args.config, args.overrides)
+    verbose = ["runtime.verbose=true"] if getattr(args, "verbose", False) else []  # sdeseg -v
+    cfg = load_config(args.config, [*args.overrides, *verbose])
     run_dir = Path(args.run_dir or Path("runs") / resolve_preset(args.config).stem)
     summary = run_stage(cfg, run_dir)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, sort_keys=True))

@@ -8,7 +8,11 @@ parts (``per_rank``: reader positions, generators). A checkpoint directory holds
   rank under ZeRO — LR scheduler), with the shared parts in its ``client_state``
   (written once, by data-parallel rank 0);
 - one ``rank_XXXXX.pt`` per rank: that rank's parts and its RNG states (Python, NumPy,
-  torch CPU and every CUDA device), which the runtime adds on its own.
+  torch CPU and every CUDA device), which the runtime adds on its own;
+- one ``sha256_rank_XXXXX.json`` per rank: the sha256 of every file that rank wrote. DeepSpeed
+  loads its files with pickle and checkpoints come back from a bucket, so before anything is
+  loaded every file is checked against these hashes and a mismatch, or a file no rank wrote,
+  is refused (:class:`CheckpointIntegrityError`).
 
 Every rank writes into its own directory; Ray Train merges the ranks' uploads into one
 checkpoint. Everything in a rank file loads with ``weights_only=True``.
@@ -16,6 +20,8 @@ checkpoint. Everything in a rank file loads with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -27,6 +33,11 @@ import numpy as np
 import torch
 
 TAG = "state"
+HASHES = "sha256_rank_{rank:05d}.json"
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint's files do not match the sha256 manifest written with them."""
 
 
 @dataclass
@@ -122,22 +133,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_hashes(directory: Path, rank: int) -> None:
+    """Hash every file under ``directory`` (all of them this rank's: each rank writes its own directory)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("sha256_rank_"))
+    hashes = {p.relative_to(directory).as_posix(): file_sha256(p) for p in files}
+    tmp = directory / (HASHES.format(rank=rank) + ".tmp")
+    tmp.write_text(json.dumps({"rank": rank, "sha256": hashes}, indent=1, sort_keys=True))
+    tmp.replace(directory / HASHES.format(rank=rank))
+
+
+def verify_checkpoint(directory: Path) -> int:
+    """Check every file DeepSpeed or the runtime will load from ``directory`` against the
+    ranks' sha256 manifests; returns the number of files checked. Raises
+    :class:`CheckpointIntegrityError` naming the file on a mismatch, a file no manifest lists,
+    or a checkpoint without manifests."""
+    directory = Path(directory)
+    manifests = sorted(directory.glob("sha256_rank_*.json"))
+    if not manifests:
+        raise CheckpointIntegrityError(f"checkpoint {directory} has no sha256 manifest (sha256_rank_*.json): "
+                                       "refusing to load files that cannot be checked")
+    expected: dict[str, str] = {}
+    for m in manifests:
+        try:
+            expected.update(json.loads(m.read_text())["sha256"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointIntegrityError(f"checkpoint {directory}: unreadable sha256 manifest {m.name} ({e})") from e
+    loaded = [p for p in directory.rglob("*") if p.is_file()
+              and (p.name.startswith("rank_") or p.relative_to(directory).parts[0] in (TAG, "latest"))]
+    for p in sorted(loaded):
+        rel = p.relative_to(directory).as_posix()
+        if rel not in expected:
+            raise CheckpointIntegrityError(f"checkpoint {directory}: {rel} is not in any sha256 manifest; refusing it")
+    for rel, digest in sorted(expected.items()):
+        p = directory / rel
+        if not p.is_file():
+            raise CheckpointIntegrityError(f"checkpoint {directory}: {rel} is listed in a sha256 manifest but missing")
+        if file_sha256(p) != digest:
+            raise CheckpointIntegrityError(f"checkpoint {directory}: {rel} does not match the sha256 written with it "
+                                           "(modified or corrupt); refusing to load it")
+    return len(expected)
+
+
 def save_train_state(state: TrainState, directory: Path, rank: int) -> None:
-    """Write this rank's part of a checkpoint of ``state`` into ``directory``."""
+    """Write this rank's part of a checkpoint of ``state`` into ``directory``, with its sha256 manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     state.engine.save_checkpoint(str(directory), tag=TAG, client_state={"sdeseg": _parts_state(state.shared)})
     rank_state = {"parts": _parts_state(state.per_rank), "rng": rng_state()}
     torch.save(rank_state, directory / f"rank_{rank:05d}.pt")
+    write_hashes(directory, rank)
 
 
 def load_train_state(state: TrainState, directory: Path, rank: int) -> None:
-    """Restore every part of ``state`` and this rank's RNG states from ``directory``."""
+    """Check the checkpoint's hashes, then restore every part of ``state`` and this rank's RNG states."""
     rank_file = directory / f"rank_{rank:05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(
             f"{rank_file} is missing: the checkpoint was written by fewer ranks (resuming with another "
             "number of workers is not supported)"
         )
+    verify_checkpoint(directory)
     path, client = state.engine.load_checkpoint(str(directory), tag=TAG)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {TAG!r} in {directory}")

@@ -33,7 +33,7 @@ from sdeseg.config import Config
 from sdeseg.optim import assert_finite
 from sdeseg.runtime.checkpoint import LocalCheckpoints, TrainState, load_train_state, save_train_state
 from sdeseg.runtime.engine import build_engine, engine_lrs
-from sdeseg.runtime.telemetry import MetricLogger, NullLogger
+from sdeseg.runtime.telemetry import MetricLogger, NullLogger, ProgressLine, PrometheusMetrics, run_label
 
 # Fault injection for the fault-tolerance tests, read by the runtime (never by a stage):
 # with SDESEG_FAULT_AT_STEP=N, rank 1 (rank 0 in a world of one) exits hard once after step N.
@@ -51,7 +51,7 @@ class StageResult:
 
 class StageContext:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, world_size: int, device: torch.device,
-                 backend: str = "local"):
+                 backend: str = "local", store=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank = rank
@@ -59,7 +59,16 @@ class StageContext:
         self.device = device
         self.backend = backend
         self.is_main = rank == 0
-        self.logger = MetricLogger(self.run_dir, cfg.runtime.metrics_port) if self.is_main else NullLogger()
+        self.store = store  # sdeseg.storage.RunStore when the run's files live in object storage
+        if self.is_main and store is not None and store.exists("metrics.jsonl"):
+            store.get("metrics.jsonl", self.run_dir / "metrics.jsonl")  # a restart continues the log
+        rt = cfg.runtime
+        # every rank exports its step and sample counters; rank 0 writes the log and the run's metrics
+        self.prometheus = PrometheusMetrics.for_run(backend, rt.metrics_port, run_label(rt.run_name, self.run_dir),
+                                                    cfg.stage, rank)
+        progress = ProgressLine(cfg.stage, cfg.train.steps) if rt.progress else None
+        self.logger = (MetricLogger(self.run_dir, prometheus=self.prometheus, progress=progress) if self.is_main
+                       else NullLogger())
         self._local_ckpts = LocalCheckpoints(self.run_dir)
 
     # ------------------------------------------------------------------ engine and precision
@@ -127,15 +136,24 @@ class StageContext:
             ckpt = ray.train.get_checkpoint()
             if ckpt is None:
                 return False
-            with ckpt.as_directory() as d:
-                load_train_state(state, Path(d), self.rank)
+            import pyarrow.fs
+
+            if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+                with ckpt.as_directory() as d:  # the files themselves, no copy
+                    load_train_state(state, Path(d), self.rank)
+            else:
+                # each rank downloads into its own directory: as_directory() shares one download
+                # between the ranks of a node, and a rank could read files still being written
+                with tempfile.TemporaryDirectory(prefix=f"sdeseg_restore_{self.rank}_") as d:
+                    ckpt.to_directory(d)
+                    load_train_state(state, Path(d), self.rank)
         else:
             latest = self._local_ckpts.latest()
             if latest is None:
                 return False
             load_train_state(state, latest, self.rank)
         progress = state.shared.get("progress")
-        self.log(getattr(progress, "step", 0), {"event/resumed": 1.0}, kind="event")
+        self.logger.resumed(getattr(progress, "step", 0))  # drops the log's records after this step
         return True
 
     def due(self, step: int) -> tuple[bool, bool]:
@@ -160,6 +178,7 @@ class StageContext:
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"ckpt_{step:06d}"
                 )
+            self._upload_metrics()
             return
         if state is not None:
             self._local_ckpts.save(state, step, self.rank)
@@ -168,14 +187,18 @@ class StageContext:
 
     def end_step(self, step: int, meter, engine) -> None:
         """After optimizer step ``step``: every ``train.log_every`` steps log mean losses,
-        throughput and learning rates (and fail on a non-finite loss); then the runtime's
-        fault-injection hook of the tests (``SDESEG_FAULT_AT_STEP``)."""
+        throughput and learning rates (and fail on a non-finite loss), and count this rank's
+        steps and samples for Prometheus; then the runtime's fault-injection hook of the tests
+        (``SDESEG_FAULT_AT_STEP``)."""
         t = self.cfg.train
+        meter.step_done()
         if step % t.log_every == 0 or step == t.steps:
             summary = meter.summary(self.world_size)
             assert_finite(summary, step)
             lrs = engine_lrs(engine)
             self.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
+            if self.prometheus is not None:
+                self.prometheus.count_steps(meter.steps, meter.samples)
             meter.reset()
         self._maybe_inject_fault(step)
 
@@ -193,7 +216,8 @@ class StageContext:
     # ------------------------------------------------------------------ logging
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
-        """Rank 0 writes metrics.jsonl / TensorBoard / Prometheus; other ranks do nothing."""
+        """Rank 0 writes metrics.jsonl / TensorBoard / Prometheus (``sdeseg.runtime.telemetry``)
+        and, with ``runtime.progress``, a progress line; other ranks do nothing."""
         self.logger.log(step, metrics, kind)
 
     # ------------------------------------------------------------------ collectives
@@ -250,11 +274,20 @@ class StageContext:
             tmp = path.with_suffix(".pt.tmp")
             torch.save(payload, tmp)
             tmp.replace(path)
+            if self.store is not None:
+                self.store.put(path, f"export/{path.name}")
         return str(path)
 
     def exports(self) -> dict[str, str]:
         """Name -> path of every export of this run (``<run_dir>/export/*.pt``)."""
         return {p.stem: str(p) for p in sorted((self.run_dir / "export").glob("*.pt"))}
 
+    def _upload_metrics(self) -> None:
+        """Rank 0 copies metrics.jsonl to the store (at checkpoints and at the end)."""
+        log_file = self.run_dir / "metrics.jsonl"
+        if self.is_main and self.store is not None and log_file.exists():
+            self.store.put(log_file, "metrics.jsonl")
+
     def close(self) -> None:
         self.logger.close()
+        self._upload_metrics()
