@@ -41,6 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_node_ports() -> list[str]:
+    """``ray start`` options that put every port with a fixed default (dashboard 8265, its
+    agent 52365, Ray client 10001, ...) on a free one: a test's cluster must not depend on
+    what else runs on the machine (another Ray, another node of the same test)."""
+    names = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "sdeseg-test", "AWS_SECRET_ACCESS_KEY": "sdeseg-test-secret",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUCKET, free_port
+from tests.conftest import BUCKET, free_port, ray_node_ports
 
 STEPS = 12
 
@@ -29,7 +29,7 @@ class Node:
         (self.dir / "scratch").mkdir(parents=True)
         ray = str(Path(sys.executable).with_name("ray"))
         args = [ray, "start", "--block", "--num-cpus=1", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-                f"--temp-dir={self.dir / 'ray'}", "--disable-usage-stats"]
+                f"--temp-dir={self.dir / 'ray'}", "--disable-usage-stats", *ray_node_ports()]
         if head_port is None:
             args += ["--head", f"--port={port}", "--include-dashboard=false"]
         else:
@@ -52,8 +52,11 @@ class Node:
 
 
 def _alive_nodes(address: str) -> int:
-    out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={address}"],
-                         capture_output=True, text=True, timeout=60).stdout
+    try:
+        out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={address}"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:  # a loaded machine: ask again
+        return 0
     return out.split("Active:", 1)[-1].split("Pending:", 1)[0].count("node_")
 
 
@@ -65,11 +68,11 @@ def _last_logged_step(base: Path) -> int:
     return max(steps)
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
+def _wait_for(cond, timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(what)
+            raise TimeoutError(what + (f"; its log ends:\n{log.read_text()[-2000:]}" if log else ""))
         time.sleep(1)
 
 
@@ -81,9 +84,11 @@ def test_two_nodes_lose_one_and_finish_from_the_bucket(s3, s3_data, tmp_path):
     nodes_dir = Path(tempfile.mkdtemp(prefix="sdeseg2n-"))  # short: Ray's socket paths have a 107-byte limit
     nodes = [Node("head", nodes_dir, env, port=port)]
     try:
-        _wait_for(lambda: _alive_nodes(address) == 1, 120, "the head node did not start")
+        _wait_for(lambda: _alive_nodes(address) == 1, 180, "the head node did not start",
+                  nodes[0].dir / "ray-start.log")
         nodes.append(Node("node2", nodes_dir, env, head_port=port))
-        _wait_for(lambda: _alive_nodes(address) == 2, 120, "the second node did not join")
+        _wait_for(lambda: _alive_nodes(address) == 2, 180, "the second node did not join",
+                  nodes[1].dir / "ray-start.log")
         name = "two-nodes"
         run = f"{BUCKET}/runs/{name}"
         cfg_args = [f"data.root={s3_data}", f"runtime.storage_path=s3://{BUCKET}/runs", f"runtime.run_name={name}",
@@ -116,6 +121,7 @@ def test_two_nodes_lose_one_and_finish_from_the_bucket(s3, s3_data, tmp_path):
     finally:
         for node in reversed(nodes):
             node.stop()
+            shutil.copy(node.dir / "ray-start.log", tmp_path / f"{node.dir.name}-ray-start.log")  # kept by pytest
         shutil.rmtree(nodes_dir, ignore_errors=True)
     summary = json.loads((driver_dir / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS

@@ -38,7 +38,7 @@ from sdeseg.runtime.cluster import (
     capacity_at_limits,
     loopback_only,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_node_ports
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)  # a cluster that does not come up fails, never hangs the suite
@@ -75,7 +75,8 @@ class RayHead:
         env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         args = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={self.port}",
                 f"--num-cpus={num_cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-                f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
+                f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+                *ray_node_ports()]
         if autoscaling is not None:
             config = _fake_autoscaling_config(self.address, autoscaling, v2)
             (base / "autoscaling.json").write_text(json.dumps(config))
