@@ -91,7 +91,9 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 64  # samples held for shuffling per DataLoader worker
     max_corrupt_fraction: float = 0.01  # fail when more than this fraction of samples is undecodable
-    labeled_keys: str | None = None  # text file with one key per line (None: draw num_labeled at random)
+    # a key file: text, one key per line, or a selection stage's labeled_keys_<n>.json (None: draw
+    # num_labeled at random); the selection stage grows its budgets from this set when given
+    labeled_keys: str | None = None
     num_labeled: int = 0  # size of the random labeled subset when labeled_keys is None
     labeled_seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -211,6 +213,68 @@ class SemisegConfig:
 
 
 @dataclass(kw_only=True)
+class SelectConfig:
+    """Automatic data selection (``stage: select``): which training images to label.
+
+    Rounds of growing budgets: the first set is one seeded random image grown by diversity
+    only; before each later growth step a fresh student learns the SDE teacher's disparity
+    on the images chosen so far (``student_steps``), and candidates are ranked by diversity
+    (teacher decoder features) plus ``difficulty_weight`` × the student's error there.
+    """
+
+    # depth: diversity + difficulty (the paper); depth_diversity / depth_difficulty: one term
+    # each (ablations); entropy: a segmentation student's mean normalised entropy, top ones
+    # (active-learning baseline); random: a seeded random draw
+    method: Literal["depth", "depth_diversity", "depth_difficulty", "entropy", "random"] = "depth"
+    budgets: tuple[int, ...] = (8, 16, 33, 100)  # label budgets, increasing; one key file each
+    # student optimizer steps before each growth step: one value for all, or len(budgets) - 1
+    student_steps: tuple[int, ...] = (200,)
+    difficulty_weight: float = 1000.0  # the official code's weight of the difficulty term
+    feature_level: int = 3  # teacher decoder level whose activation measures diversity ("upconv", 3)
+    feature_pool: Size = (4, 8)  # adaptive average pooling of that activation
+    far_disp: float = 0.07  # teacher disparities below this (dilated) do not count as errors
+    far_dilate: int = 7
+    ignore_bottom: float = 0.13  # bottom rows left out of the difficulty (ego car)
+    loss_ignore_bottom: float = 0.10  # bottom rows left out of the student's BerHu loss
+    berhu_c: float = 0.2  # BerHu threshold = berhu_c x the largest residual of the batch
+    sde_checkpoint: str | None = None  # the frozen SDE teacher (an `sde` export)
+    # the entropy baseline's segmentation student starts from sde_checkpoint (as the
+    # semi-supervised stage does) instead of model.pretrained
+    entropy_transfer: bool = True
+
+    def __post_init__(self) -> None:
+        b = self.budgets
+        _check(len(b) >= 1 and all(x >= 1 for x in b), "select.budgets",
+               f"need one or more budgets >= 1, got {list(b)}")
+        _check(all(x < y for x, y in zip(b, b[1:])), "select.budgets", f"must increase, got {list(b)}")
+        n = len(self.student_steps)
+        _check(n >= 1 and all(s >= 0 for s in self.student_steps), "select.student_steps",
+               f"need one or more step counts >= 0, got {list(self.student_steps)}")
+        _check(n == 1 or n == len(b) - 1, "select.student_steps",
+               f"one value, or one per growth step ({len(b) - 1} for {len(b)} budgets), got {n}")
+        _check(self.difficulty_weight >= 0, "select.difficulty_weight", "must be >= 0")
+        _check(0 <= self.feature_level <= 4, "select.feature_level", "must be a decoder level in 0..4")
+        _check(self.far_dilate >= 1 and self.far_dilate % 2 == 1, "select.far_dilate", "must be an odd size >= 1")
+        for name in ("ignore_bottom", "loss_ignore_bottom"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"select.{name}", "must be in [0, 1)")
+        _check(self.berhu_c > 0, "select.berhu_c", "must be > 0")
+
+    @property
+    def uses_student(self) -> bool:
+        """Whether later rounds train a student (depth or segmentation) before growing."""
+        return self.method in ("depth", "depth_difficulty", "entropy")
+
+    def loop_steps(self) -> int:
+        """What the stage's loop counts: student optimizer steps plus one per selection round."""
+        students = sum(self.steps_before(r) for r in range(1, len(self.budgets))) if self.uses_student else 0
+        return students + len(self.budgets)
+
+    def steps_before(self, round_index: int) -> int:
+        """Student steps before growing to ``budgets[round_index]`` (round_index >= 1)."""
+        return self.student_steps[0] if len(self.student_steps) == 1 else self.student_steps[round_index - 1]
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4  # heads / decoders
@@ -294,11 +358,12 @@ class RuntimeConfig:
 class Config:
     """The whole run. ``stage`` picks the training stage."""
 
-    stage: Literal["sde", "semiseg"] = "sde"
+    stage: Literal["sde", "semiseg", "select"] = "sde"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     depth_loss: DepthLossConfig = field(default_factory=DepthLossConfig)
     semiseg: SemisegConfig = field(default_factory=SemisegConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -310,6 +375,11 @@ class Config:
             raise ConfigError(
                 "depth_loss.feature_distance: needs model.pretrained (an ImageNet state_dict file path)"
             )
+
+    def loop_steps(self) -> int:
+        """The steps a stage's loop makes (progress lines, ETA): ``train.steps``; the selection
+        stage counts its students' optimizer steps and its rounds (``SelectConfig.loop_steps``)."""
+        return self.select.loop_steps() if self.stage == "select" else self.train.steps
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -51,6 +51,7 @@ def preflight(cfg: Config) -> Config:
     cfg.data.root = _absolute(cfg.data.root)
     cfg.data.labeled_keys = _absolute(cfg.data.labeled_keys)
     cfg.semiseg.sde_checkpoint = _absolute(cfg.semiseg.sde_checkpoint)
+    cfg.select.sde_checkpoint = _absolute(cfg.select.sde_checkpoint)
     cfg.model.pretrained = _absolute(cfg.model.pretrained)
     cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
     check_storage(cfg.data.root, "data.root", write=False)  # bucket, credentials, endpoint: one line each
@@ -58,6 +59,7 @@ def preflight(cfg: Config) -> Config:
     if not cfg.runtime.in_process:
         check_storage(cfg.runtime.storage_path, "runtime.storage_path")
     files = {"data.labeled_keys": cfg.data.labeled_keys, "semiseg.sde_checkpoint": cfg.semiseg.sde_checkpoint,
+             "select.sde_checkpoint": cfg.select.sde_checkpoint,
              "model.pretrained": cfg.model.pretrained}
     for key, path in files.items():
         if path is None:
@@ -284,6 +286,7 @@ def _download_results(store: RunStore, run_dir: Path) -> dict[str, Any]:
     for rel in ("summary.json", "metrics.jsonl"):
         if store.exists(rel):
             store.get(rel, run_dir / rel)
+    store.pull("selection", run_dir / "selection")  # the selection stage's key files and tables
     local = {p.stem: str(p) for p in store.pull("export", run_dir / "export") if p.suffix == ".pt"}
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["export_urls"] = {name: store.uri(f"export/{Path(path).name}") for name, path in local.items()}

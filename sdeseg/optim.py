@@ -35,8 +35,9 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based); ``cfg`` is an
+    :class:`OptimConfig` or anything with its schedule fields."""
     warm = 1.0 if cfg.warmup_steps == 0 else min(1.0, (step + 1) / cfg.warmup_steps)
     if cfg.schedule == "step":
         return warm * cfg.gamma ** (step // cfg.step_size)
@@ -45,8 +46,22 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return warm
 
 
+class LRFactor:
+    """``lr_factor`` as a callable object of plain fields: ``LambdaLR.state_dict()`` saves a
+    callable object's attributes, so a checkpoint restores the schedule's length too (a stage
+    that trains one model per round, each with its own length, resumes with the right one)."""
+
+    def __init__(self, total: int, cfg: OptimConfig) -> None:
+        self.total = int(total)
+        self.schedule, self.warmup_steps, self.poly_power = cfg.schedule, cfg.warmup_steps, cfg.poly_power
+        self.gamma, self.step_size = cfg.gamma, cfg.step_size
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total, self)  # reads the same fields as an OptimConfig
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(total_steps, cfg))
 
 
 def assert_finite(losses: dict[str, torch.Tensor], step: int) -> None:

@@ -140,3 +140,27 @@ def test_run_directories_with_one_basename_keep_their_checkpoints(ray_cluster, s
     again = run_on_ray(tiny_config("demo_sde", synthetic_root, *common), tmp_path / "a" / "sde")
     assert again["steps"] == 2 and again["steps_this_run"] == 0  # the same directory resumes its own
     assert len([p for p in storage.iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.slow
+def test_selection_scores_on_two_workers_equal_in_process(ray_cluster, synthetic_root, sde_export, tmp_path):
+    """Each rank scores its share of the candidates; gathered, the scores are the in-process ones
+    (same teacher, same fresh student: student_steps=0), each candidate scored exactly once."""
+    from sdeseg.launch import run_in_process, run_on_ray
+
+    common = [f"select.sde_checkpoint={sde_export}", "select.budgets=[3,6]", "select.student_steps=[0]"]
+    run_on_ray(tiny_config("demo_select", synthetic_root, *common, "runtime.in_process=false",
+                           "runtime.num_workers=2"), tmp_path / "ray")
+    run_in_process(tiny_config("demo_select", synthetic_root, *common), tmp_path / "local")
+    for r in (0, 1):
+        ray_scores, local = (torch.load(tmp_path / d / "selection" / f"scores_round{r}.pt", weights_only=True)
+                             for d in ("ray", "local"))
+        assert ray_scores["keys"] == local["keys"] and len(local["keys"]) == 24
+        assert torch.equal(ray_scores["count"], torch.ones(24))
+        assert torch.allclose(ray_scores["features"], local["features"], atol=1e-4)
+        assert torch.allclose(ray_scores["difficulty"], local["difficulty"], atol=1e-6)
+        assert torch.equal(ray_scores["class_pixels"], local["class_pixels"])
+    assert float(local["difficulty"].abs().sum()) > 0
+    keys = [json.loads((tmp_path / d / "selection" / "labeled_keys_6.json").read_text())["keys"]
+            for d in ("ray", "local")]
+    assert keys[0] == keys[1]

@@ -8,6 +8,7 @@ then serves endless random batches.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -38,15 +39,20 @@ LARGE_POOL_BYTES = 2 << 30  # warn above this: the pool is meant for few labels
 
 
 def read_key_list(path: str) -> list[str]:
-    """Keys from a text file (path or fsspec URL): one per line, ``#`` starts a comment.
+    """Keys from a key file (path or fsspec URL): text, one key per line, ``#`` starts a
+    comment; or JSON, a list of keys or an object with ``"keys"`` (the selection stage's
+    ``selection/labeled_keys_<n>.json``).
 
-    Raises DatasetError for a missing file or a key listed twice (naming file and line).
+    Raises DatasetError for a missing or malformed file or a key listed twice (naming the file).
     """
     try:
         with fsspec.open(path, "rt") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except FileNotFoundError as e:
         raise DatasetError(f"key list {path} does not exist") from e
+    if str(path).endswith(".json"):
+        return _json_key_list(path, text)
+    lines = text.splitlines()
     keys: list[str] = []
     first_line: dict[str, int] = {}
     for n, line in enumerate(lines, 1):
@@ -58,6 +64,20 @@ def read_key_list(path: str) -> list[str]:
         first_line[key] = n
         keys.append(key)
     return keys
+
+
+def _json_key_list(path: str, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DatasetError(f"key list {path}: not valid JSON ({e})") from e
+    keys = data.get("keys") if isinstance(data, dict) else data
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise DatasetError(f"key list {path}: expected a JSON list of keys or an object with \"keys\": [...]")
+    dupes = sorted(k for k, c in Counter(keys).items() if c > 1)
+    if dupes:
+        raise DatasetError(f"key list {path}: key {dupes[0]!r} is listed more than once")
+    return list(keys)
 
 
 def labeled_keys_for(cfg: DataConfig) -> list[str]:

@@ -66,16 +66,17 @@ class StageContext:
         # every rank exports its step and sample counters; rank 0 writes the log and the run's metrics
         self.prometheus = PrometheusMetrics.for_run(backend, rt.metrics_port, run_label(rt.run_name, self.run_dir),
                                                     cfg.stage, rank)
-        progress = ProgressLine(cfg.stage, cfg.train.steps) if rt.progress else None
+        progress = ProgressLine(cfg.stage, cfg.loop_steps()) if rt.progress else None
         self.logger = (MetricLogger(self.run_dir, prometheus=self.prometheus, progress=progress) if self.is_main
                        else NullLogger())
         self._local_ckpts = LocalCheckpoints(self.run_dir)
 
     # ------------------------------------------------------------------ engine and precision
 
-    def build_engine(self, model: torch.nn.Module, groups: list[dict]):
-        """DeepSpeed engine around ``model`` (see ``sdeseg.runtime.engine``)."""
-        return build_engine(model, groups, self.cfg, self.world_size, self.device)
+    def build_engine(self, model: torch.nn.Module, groups: list[dict], total_steps: int | None = None):
+        """DeepSpeed engine around ``model`` (see ``sdeseg.runtime.engine``); its LR schedule
+        spans ``total_steps`` (default ``train.steps``)."""
+        return build_engine(model, groups, self.cfg, self.world_size, self.device, total_steps)
 
     def autocast(self):
         """``runtime.precision``'s autocast for forward passes outside the engine (EMA teacher,
@@ -258,6 +259,16 @@ class StageContext:
             b.copy_(flat[offset:offset + n].view_as(b))
             offset += n
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (picklable) on every rank; identity in a world of one."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
@@ -276,6 +287,18 @@ class StageContext:
             tmp.replace(path)
             if self.store is not None:
                 self.store.put(path, f"export/{path.name}")
+        return str(path)
+
+    def write_output(self, rel: str, data: bytes) -> str:
+        """Rank 0 writes ``<run_dir>/<rel>`` atomically (and to the run's store); returns the path."""
+        path = self.run_dir / rel
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            if self.store is not None:
+                self.store.put(path, rel)
         return str(path)
 
     def exports(self) -> dict[str, str]:

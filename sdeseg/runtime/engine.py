@@ -63,7 +63,7 @@ def init_single_process_group() -> None:
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_size: int,
-                 device: torch.device):
+                 device: torch.device, total_steps: int | None = None):
     """Wrap ``model`` in a DeepSpeed engine with the config's optimizer and schedule.
 
     With ``runtime.sync_batchnorm`` on CUDA ranks (NCCL) the BatchNorm layers become
@@ -71,6 +71,9 @@ def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_
     ``groups`` stays valid). SyncBatchNorm has no CPU kernel: CPU ranks keep per-rank
     statistics and the stage averages the buffers before validating, exporting or saving
     (``StageContext.sync_buffers``).
+
+    The LR schedule spans ``total_steps`` optimizer steps (default ``train.steps``; a stage
+    that trains several models one after another, like data selection, names each one's).
 
     Returns the DeepSpeed engine: ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``,
     ``engine.module``, ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
@@ -84,7 +87,7 @@ def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_
     # deepspeed_shm_comm only serves CPU inference all-reduce; skip its ~40 s JIT build
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     optimizer = build_optimizer(groups, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.train.steps if total_steps is None else total_steps, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -9,6 +9,7 @@ from types import ModuleType
 STAGES = {
     "sde": "sdeseg.stages.sde",
     "semiseg": "sdeseg.stages.semiseg",
+    "select": "sdeseg.stages.select",
 }
 
 
