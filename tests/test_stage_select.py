@@ -158,3 +158,21 @@ def test_the_cli_exits_2_with_one_line_for_a_bad_budget(synthetic_root, sde_expo
     assert main(["train", "demo_select", "--run-dir", str(tmp_path), f"data.root={synthetic_root}", *TINY,
                  f"select.sde_checkpoint={sde_export}", "select.budgets=[2,30]", "select.student_steps=[3]"]) == 2
     assert not (tmp_path / "selection").exists()
+
+
+def test_the_study_tool_selects_trains_evaluates_and_draws(synthetic_root, sde_export, tmp_path):
+    """tune.selection_study end to end on the tiny data (2 methods, 1 seed, 2 training steps);
+    a second call reuses every finished part."""
+    from tune.selection_study import main
+
+    args = ["--data", synthetic_root, "--sde-export", sde_export, "--out", str(tmp_path), "--methods", "random",
+            "depth_diversity", "--seeds", "0", "--budget", "4", "--budgets", "[2,4]", "--student-steps", "[1]",
+            "--steps", "2", "--select-overrides", *TINY, "--train-overrides", *TINY]
+    assert main(args) == 0
+    table = (tmp_path / "selection.md").read_text()
+    assert "| random |" in table and "| depth_diversity |" in table
+    png = tmp_path / "selection.png"
+    assert png.stat().st_size > 10_000
+    stamp = (tmp_path / "train" / "random_s0" / "eval_test.json").stat().st_mtime
+    assert main(args) == 0
+    assert (tmp_path / "train" / "random_s0" / "eval_test.json").stat().st_mtime == stamp
