@@ -33,6 +33,7 @@ STORAGE_SECRET = "sdeseg-storage"  # optional: AWS_ACCESS_KEY_ID, AWS_SECRET_ACC
 AUTH_SECRET = "sdeseg-ray-token"  # key auth_token: Ray's token, shared by every pod of a cluster
 WEIGHTS_DIR = "/models"
 WEIGHTS_FILE = f"{WEIGHTS_DIR}/resnet101-imagenet.pth"  # what the jobs pass as model.pretrained
+TRAIN_DRIVER, TUNE_DRIVERS = "TRAIN_DRIVER", 16  # sdeseg.tuning.DRIVER_RESOURCE; concurrent trials at most
 RUNS_DIR = "/home/sdeseg/runs"  # the driver's local copy of a run; the run itself is in the bucket
 LABELS = {"app.kubernetes.io/name": "sdeseg"}
 
@@ -129,7 +130,7 @@ def prep(site: Site, frames: str, out: str) -> str:
 
 
 def jobs(site: Site) -> list[Job]:
-    """The pipeline, one entry per job: prep -> sde -> semiseg, and the ablation search."""
+    """The pipeline, one entry per job: prep -> sde -> semiseg, and the component study (a search)."""
     return [
         Job("prep", "Cityscapes -> shards: every sequence frame (SDE) and the labeled frames (semiseg)",
             [prep(site, "all", site.sequences), prep(site, "labeled", site.labeled)],
@@ -139,10 +140,11 @@ def jobs(site: Site) -> list[Job]:
         Job("semiseg", "stage 2: semi-supervised segmentation from the SDE export, 4 GPUs",
             [train("cityscapes_semiseg", "semiseg-r101", site, f"data.root={site.labeled}",
                    f"semiseg.sde_checkpoint={site.export('sde-r101')}")], gpu_workers(4)),
-        Job("ablation", "the paper's component study of stage 2 (tune.ablation), run after run on 4 GPUs",
-            [f"python -m tune.ablation --data {site.labeled} --sde-export {site.export('sde-r101')} "
-             f"--preset cityscapes_semiseg --out {RUNS_DIR}/ablation --seeds 0 1 --steps 40000 "
-             f"runtime.storage_path={site.runs} model.pretrained={WEIGHTS_FILE}"], gpu_workers(4),
+        Job("component-study", "the paper's component study of stage 2 as a Ray Tune grid "
+            "(sdeseg tune cityscapes_component_study): 15 trials of 4 GPUs, 4 at a time",
+            [f"sdeseg tune cityscapes_component_study --out {RUNS_DIR}/component-study "
+             f"data.root={site.labeled} semiseg.sde_checkpoint={site.export('sde-r101')} "
+             f"runtime.storage_path={site.runs} model.pretrained={WEIGHTS_FILE}"], gpu_workers(16),
             deadline_s=14 * 24 * 3600),
     ]
 
@@ -192,8 +194,10 @@ def head_group(site: Site, weights: bool) -> dict:
                            {"containerPort": METRICS_PORT, "name": "metrics"}],
                  "resources": _resources(4, "16Gi")}
     # the dashboard (job submission) listens on the pod IP: token authentication is on (authOptions)
+    # TRAIN_DRIVER: the drivers of `sdeseg tune`'s trials run on the head and hold one each, no CPU
     return {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0",
-                               "metrics-export-port": str(METRICS_PORT)},
+                               "metrics-export-port": str(METRICS_PORT),
+                               "resources": f'"{{\\"{TRAIN_DRIVER}\\": {TUNE_DRIVERS}}}"'},
             "template": _pod(site, container, weights, [])}
 
 

@@ -1,6 +1,7 @@
 """The ``sdeseg`` command.
 
-Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config), ``demo``
+Subcommands: ``prep`` (datasets -> shards), ``train`` (one stage from a config), ``tune`` (a
+hyper-parameter search, :mod:`sdeseg.tuning`), ``demo``
 (the whole pipeline on the embedded synthetic dataset), and for trained models ``eval``,
 ``predict``, ``infer`` (derived datasets) and ``export`` (safetensors, ONNX). Heavy modules are
 imported inside each handler so ``--help`` stays instant. Errors in the input (config,
@@ -26,6 +27,7 @@ PREP_TARGETS = {
 COMMANDS = {
     "train": ("sdeseg.commands.train", "train one stage from a config file (on a Ray cluster)"),
     "demo": ("sdeseg.commands.demo", "synthetic data -> SDE -> semi-supervised segmentation -> report"),
+    "tune": ("sdeseg.commands.tune", "hyper-parameter search with Ray Tune (each trial a Ray Train run)"),
     "eval": ("sdeseg.commands.evaluate", "score an exported model on a split (mIoU, depth errors)"),
     "predict": ("sdeseg.commands.predict", "write an exported model's predictions for images as PNG files"),
     "infer": ("sdeseg.commands.infer", "write a derived dataset of predictions (Ray Data model actors)"),

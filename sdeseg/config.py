@@ -202,6 +202,9 @@ class SemisegConfig:
     ema_alpha_max: float = 0.99
     blur: bool = True  # Gaussian blur on the mixed student input
     color_jitter: float = 0.2  # colour jitter magnitude on the mixed student input
+    # its hue step: rotate YIQ's chroma plane (keeps luma) or the HSV hue (kornia/torchvision,
+    # the official code); on the demo HSV cost 0.9-1.0 mIoU at 175 steps (BENCHMARKS.md, 2026-11-30)
+    hue_space: Literal["yiq", "hsv"] = "yiq"
     sde_checkpoint: str | None = None  # exported SDE model: transfer init and pseudo-depth
     transfer: bool = True  # initialise encoder + decoder from sde_checkpoint
 

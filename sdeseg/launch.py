@@ -201,8 +201,9 @@ def ensure_ray(cfg: Config):
     return ray
 
 
-def run_on_ray(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Run the stage with Ray Train: one DeepSpeed rank per worker, fault tolerant, resumable."""
+def run_on_ray(cfg: Config, run_dir: str | Path, callbacks: list | None = None) -> dict[str, Any]:
+    """Run the stage with Ray Train: one DeepSpeed rank per worker, fault tolerant, resumable.
+    ``callbacks``: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     cfg = preflight(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
     ensure_ray(cfg)
@@ -230,6 +231,7 @@ def run_on_ray(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level=train_log_level(rt.verbose)),
+            callbacks=callbacks,
         ),
     )
     try:

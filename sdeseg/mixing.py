@@ -223,12 +223,13 @@ def rebalance_weights(
 
 # ----------------------------------------------------------------------------- strong augmentation
 
-def _strong_jitter(s: float, u: torch.Tensor) -> Jitter:
+def _strong_jitter(s: float, u: torch.Tensor, hue_space: str = "yiq") -> Jitter:
     """The colour jitter of strength s from 4 uniforms u in [0, 1): brightness, contrast and
     saturation factors in [1-s, 1+s], hue shift in [-s, s] of a full turn (the magnitudes of
     the paper's kornia ColorJitter), applied in the fixed order b, c, s, h."""
     b, c, sat, h = u.tolist()
-    return Jitter(1 - s + 2 * s * b, 1 - s + 2 * s * c, 1 - s + 2 * s * sat, (2 * h - 1) * s, order=(0, 1, 2, 3))
+    return Jitter(1 - s + 2 * s * b, 1 - s + 2 * s * c, 1 - s + 2 * s * sat, (2 * h - 1) * s, order=(0, 1, 2, 3),
+                  hue_space=hue_space)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -259,11 +260,13 @@ def strong_augment(
     blur: bool = True,
     jitter_prob: float = 0.8,
     blur_prob: float = 0.5,
+    hue_space: str = "yiq",
 ) -> torch.Tensor:
     """Colour jitter and Gaussian blur on the mixed student input, drawn per image.
 
-    The jitter is the reader's (:func:`sdeseg.data.augment.color_jitter`, torchvision
-    semantics: HSV hue) with the factors of :func:`_strong_jitter`, in the order b, c, s, h.
+    The jitter is the reader's (:func:`sdeseg.data.augment.color_jitter`) with the factors of
+    :func:`_strong_jitter`, in the order b, c, s, h; its hue step rotates the YIQ chroma plane
+    (default, ``semiseg.hue_space``) or the HSV hue (torchvision's and kornia's semantics).
 
     Args:
         images: (B,3,H,W) in [0, 1].
@@ -271,6 +274,7 @@ def strong_augment(
         jitter: colour-jitter strength (``semiseg.color_jitter``; 0 disables).
         blur: Gaussian blur with sigma ~ U(0.15, 1.15) (``semiseg.blur``).
         jitter_prob, blur_prob: per-image probabilities (the paper's 0.8 and 0.5).
+        hue_space: ``"yiq"`` or ``"hsv"``.
 
     Returns:
         (B,3,H,W) augmented images (``images`` itself when nothing was drawn); labels are
@@ -280,7 +284,7 @@ def strong_augment(
     out = images
     chosen = (u[:, 0] < jitter_prob).nonzero()[:, 0].tolist() if jitter > 0 else []
     if chosen:  # one pass over the jittered images, each with its own factors
-        jitters = [_strong_jitter(jitter, u[i, 1:5]) for i in chosen]
+        jitters = [_strong_jitter(jitter, u[i, 1:5], hue_space) for i in chosen]
         if len(chosen) == len(images):
             out = color_jitter(images, jitters)
         else:

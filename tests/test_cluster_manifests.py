@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -271,29 +272,17 @@ def test_weights_init_container_fetches_and_checks(tmp_path):
 # ----------------------------------------------------------------------------- jobs vs presets
 
 
-def _ablation_args(argv: list[str]):
-    """What ``python -m tune.ablation ARGV`` would run the grid with (the grid itself is not run)."""
-    import tune.ablation
-
-    seen = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tune.ablation, "run_grid", lambda args: seen.setdefault("args", args))
-        assert tune.ablation.main(argv) == 0
-    return seen["args"]
-
-
 def _configs(job: dict) -> list:
-    """The config of every training run a job starts (each row of a search)."""
-    import tune.ablation
+    """The config of every training run a job starts (each trial of a grid search)."""
+    from sdeseg.search import grid_points, load_search
 
     configs = []
     for words in _commands(job):
         if words[:2] == ["sdeseg", "train"]:
             configs.append(load_config(words[2], _overrides(words)))
-        elif words[:3] == ["python", "-m", "tune.ablation"]:
-            args = _ablation_args(words[3:])
-            rows = [r for r in tune.ablation.DEFAULT_ROWS if r in (args.rows or tune.ablation.DEFAULT_ROWS)]
-            configs += [tune.ablation.row_config(args, row, seed) for row in rows for seed in args.seeds]
+        elif words[:2] == ["sdeseg", "tune"]:
+            spec = load_search(words[2], _overrides(words))
+            configs += [spec.trial_config(p) for p in grid_points(spec)]
     return configs
 
 
@@ -309,7 +298,7 @@ def test_entrypoints_parse_and_load(rel):
             if args.command == "prep":
                 assert args.ray and args.root.startswith(SITE.bucket) and args.out.startswith(SITE.bucket)
         else:
-            assert words[:3] == ["python", "-m", "tune.ablation"], words
+            raise AssertionError(f"not an sdeseg command: {words}")
     for cfg in _configs(DOCS[rel]):
         assert cfg.runtime.storage_path == SITE.runs
 
@@ -377,8 +366,8 @@ def test_stages_chain_through_the_bucket():
     assert sde.data.root == prep_out["all"] and semiseg.data.root == prep_out["labeled"]
     export = RunStore.for_run(sde.runtime.storage_path, sde.runtime.run_name).uri("export/best.pt")
     assert semiseg.semiseg.sde_checkpoint == export
-    assert {cfg.semiseg.sde_checkpoint for cfg in _configs(DOCS["jobs/ablation.yaml"])} == {export}
-    assert {cfg.data.root for cfg in _configs(DOCS["jobs/ablation.yaml"])} == {prep_out["labeled"]}
+    assert {cfg.semiseg.sde_checkpoint for cfg in _configs(DOCS["jobs/component-study.yaml"])} == {export}
+    assert {cfg.data.root for cfg in _configs(DOCS["jobs/component-study.yaml"])} == {prep_out["labeled"]}
 
 
 # ----------------------------------------------------------------------------- the walkthrough
@@ -458,4 +447,16 @@ def test_readme_commands_are_checked(tmp_path):
     for cmd in commands:
         _check_readme_command(cmd, tmp_path)
     applied = {c.split()[-1] for c in commands if c.startswith("kubectl apply -f")}
-    assert {f"cluster/{rel}" for rel in JOBS if "ablation" not in rel} <= applied
+    assert {f"cluster/{rel}" for rel in JOBS if "component-study" not in rel} <= applied
+
+
+def test_the_head_offers_a_driver_slot_per_concurrent_trial():
+    """`sdeseg tune` trial drivers hold one TRAIN_DRIVER each (sdeseg.tuning) and no CPU."""
+    from sdeseg.search import load_search
+    from sdeseg.tuning import DRIVER_RESOURCE
+
+    for rel in ["raycluster.yaml", *JOBS]:
+        doc = DOCS[rel]
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        offered = json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))
+        assert offered[DRIVER_RESOURCE] >= load_search("cityscapes_component_study").max_concurrent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -161,7 +163,8 @@ def test_strong_augment_jitter_is_the_reader_jitter(jitter_prob):
     s, b = 0.3, 6
     x = torch.rand(b, 3, 16, 24, generator=torch.Generator().manual_seed(1))
     x_before = x.clone()
-    out = strong_augment(x, torch.Generator().manual_seed(7), jitter=s, blur=False, jitter_prob=jitter_prob)
+    out = strong_augment(x, torch.Generator().manual_seed(7), jitter=s, blur=False, jitter_prob=jitter_prob,
+                         hue_space="hsv")
     assert torch.equal(x, x_before)  # the input is not modified
     u = torch.rand(b, 7, generator=torch.Generator().manual_seed(7))
     chosen = 0
@@ -182,7 +185,8 @@ def test_strong_augment_shifts_hue_in_hsv():
     (HSV rotation, torchvision semantics); only brightness/contrast/saturation change them."""
     img = torch.zeros(2, 3, 4, 4)
     img[:, 0] = 1.0  # pure red
-    out = strong_augment(img, torch.Generator().manual_seed(3), jitter=0.3, blur=False, jitter_prob=1.0)
+    out = strong_augment(img, torch.Generator().manual_seed(3), jitter=0.3, blur=False, jitter_prob=1.0,
+                         hue_space="hsv")
     hsv_in, hsv_out = rgb_to_hsv(img), rgb_to_hsv(out)
     u = torch.rand(2, 7, generator=torch.Generator().manual_seed(3))
     for i in range(2):
@@ -191,3 +195,26 @@ def test_strong_augment_shifts_hue_in_hsv():
         shift = ((2 * u[i, 4] - 1) * 0.3).item()
         assert torch.allclose(hsv_out[i, 0], torch.full((4, 4), shift % 1.0), atol=1e-5)
         assert not torch.allclose(hsv_out[i, 0], hsv_in[i, 0])
+
+
+def test_strong_augment_yiq_hue_is_a_chroma_rotation_per_image():
+    """The default hue step rotates YIQ's (I, Q) plane by 2*pi*shift, each image its own shift:
+    written out here with an explicit matrix per image (before the final clamp, luma Y is kept)."""
+    s, b = 0.3, 4
+    x = torch.rand(b, 3, 8, 12, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.25
+    out = strong_augment(x, torch.Generator().manual_seed(9), jitter=s, blur=False, jitter_prob=1.0)
+    u = torch.rand(b, 7, generator=torch.Generator().manual_seed(9))
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    for i in range(b):
+        f = (1 - s + 2 * s * u[i, 1:4]).tolist()
+        before_hue = color_jitter(x[i], Jitter(*f, hue=0.0, order=(0, 1, 2, 3)))
+        theta = 2 * math.pi * (2 * u[i, 4].item() - 1) * s
+        rot = torch.tensor([[1, 0, 0], [0, math.cos(theta), -math.sin(theta)], [0, math.sin(theta), math.cos(theta)]],
+                           dtype=torch.float64)
+        m = (torch.linalg.inv(yiq) @ rot @ yiq).float()
+        rotated = torch.einsum("ij,jhw->ihw", m, before_hue)
+        assert torch.allclose(out[i], rotated.clamp(0, 1), atol=1e-5)
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        assert torch.allclose((rotated * luma).sum(0), (before_hue * luma).sum(0), atol=1e-4)
+    with pytest.raises(ValueError, match="hue_space"):
+        color_jitter(x[0], Jitter(hue=0.1, hue_space="lab"))

@@ -21,6 +21,7 @@ integer coordinates are pixel *centres*, K maps camera points to those pixels an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,9 @@ class Jitter:
     saturation: float = 1.0
     hue: float = 0.0
     order: tuple[int, ...] = (0, 1, 2, 3)
+    # "hsv": rotate the HSV hue (torchvision, kornia); "yiq": rotate the chroma plane of YIQ,
+    # which keeps luma (the semi-supervised stage's strong augmentation, see BENCHMARKS.md)
+    hue_space: str = "hsv"
 
     @property
     def identity(self) -> bool:
@@ -244,6 +248,24 @@ def adjust_hue(img: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor
     return _hsv_channels(h6, out).mul_(-delta.unsqueeze(-3)).add_(maxc.unsqueeze(-3))
 
 
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def rotate_hue_yiq(img: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma (I, Q) plane of YIQ by ``shift`` turns: (...,3,H,W) RGB -> RGB
+    (unclamped). ``shift`` is a float or an (N,1,1) tensor, one per image of (N,3,H,W)."""
+    to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
+    theta = 2 * math.pi * torch.as_tensor(shift, dtype=torch.float64).reshape(-1)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(theta.shape[0], 3, 3, dtype=torch.float64)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(img)  # (N,3,3), N = 1 for a float shift
+    if m.shape[0] == 1:
+        return torch.einsum("ij,...jhw->...ihw", m[0], img)
+    return torch.einsum("nij,n...jhw->n...ihw", m, img)
+
+
 def color_jitter(img: torch.Tensor, jitter: Jitter | Sequence[Jitter]) -> torch.Tensor:
     """Colour-jitter float images (...,3,H,W) in [0,1]; returns a new tensor (or ``img`` itself
     when there is nothing to do).
@@ -253,14 +275,20 @@ def color_jitter(img: torch.Tensor, jitter: Jitter | Sequence[Jitter]) -> torch.
     in one pass over the batch (:func:`sdeseg.mixing.strong_augment`).
 
     Contrast blends each image (...,3,H,W) with its own mean luma, saturation with its
-    per-pixel luma (torchvision's definitions); results are clamped to [0,1] after every step.
+    per-pixel luma (torchvision's definitions); the hue step rotates the HSV hue
+    (torchvision) or the YIQ chroma plane (``Jitter.hue_space``); results are clamped to [0,1]
+    after every step.
     """
     single = isinstance(jitter, Jitter)
     jitters = [jitter] if single else list(jitter)
     order = jitters[0].order
-    if not single and (len(jitters) != img.shape[0] or any(j.order != order for j in jitters)):
-        raise ValueError(f"color_jitter: need {img.shape[0]} jitters with one common order, got "
-                         f"{[j.order for j in jitters]}")
+    space = jitters[0].hue_space
+    if space not in ("hsv", "yiq"):
+        raise ValueError(f"color_jitter: hue_space must be 'hsv' or 'yiq', got {space!r}")
+    if not single and (len(jitters) != img.shape[0] or any(j.order != order or j.hue_space != space
+                                                            for j in jitters)):
+        raise ValueError(f"color_jitter: need {img.shape[0]} jitters with one common order and hue space, got "
+                         f"{[(j.order, j.hue_space) for j in jitters]}")
     if all(j.identity for j in jitters):
         return img
 
@@ -283,6 +311,8 @@ def color_jitter(img: torch.Tensor, jitter: Jitter | Sequence[Jitter]) -> torch.
         elif op == 2 and (f := factor("saturation", 1.0, img.dim())) is not None:
             gray = _gray(img).mul_(1.0 - f)
             img.mul_(f).add_(gray).clamp_(0.0, 1.0)
+        elif op == 3 and space == "yiq" and (f := factor("hue", 0.0, 1)) is not None:
+            img = rotate_hue_yiq(img, f).clamp_(0.0, 1.0)
         elif op == 3 and (f := factor("hue", 0.0, img.dim() - 1)) is not None:
             adjust_hue(img, f, out=img).clamp_(0.0, 1.0)
     return img

@@ -328,8 +328,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 for _ in range(cfg.runtime.grad_accum):
                     t0 = time.perf_counter()
                     lb = next(batches).to(ctx.device)
+                    data_time = time.perf_counter() - t0
                     losses = student_step(engine, teacher, lb, cfg, ctx.autocast)
-                    meter.update(losses, len(lb), time.perf_counter() - t0)
+                    meter.update(losses, len(lb), data_time)
                 progress.step += 1
                 ctx.end_step(progress.step, meter, engine)
                 done = progress.step - state.round_start

@@ -79,7 +79,7 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
         mix = MixResult(image=images, mask=None, perm=None, probs=probs, label=None)
     if s.mix_rebalance and mix.mask is not None:
         mix.weight = rebalance_weights(probs, mix.probs)
-    mix.image = strong_augment(mix.image, gen, jitter=s.color_jitter, blur=s.blur)
+    mix.image = strong_augment(mix.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
     return mix
 
 

@@ -1,0 +1,30 @@
+"""``sdeseg tune SEARCH [--out DIR] [key=value ...]``: a Ray Tune search (``sdeseg.search``).
+
+SEARCH is a search file or the name of a shipped one (``tune/searches/``); the overrides apply
+to every trial. Re-running the same command resumes the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("search", help="search file or shipped search name (demo_loss_weights, component_study, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every trial, e.g. train.steps=200")
+    p.add_argument("--out", default=None, help="output directory (default runs/tune/<search name>); "
+                   "re-running with the same directory resumes the search")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdeseg.search import load_search
+    from sdeseg.tuning import run_search
+
+    spec = load_search(args.search, list(args.overrides))  # every error before Ray starts
+    out = Path(args.out or Path("runs") / "tune" / spec.name)
+    best = run_search(spec.path, out, list(args.overrides))
+    print(json.dumps({k: v for k, v in best.items() if k not in ("steps", "values")}, indent=2, default=str))
+    print(f"results: {out.resolve() / 'summary.md'}")
+    return 0

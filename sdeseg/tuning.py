@@ -1,0 +1,268 @@
+"""Run a hyper-parameter search (:mod:`sdeseg.search`) with Ray Tune; every trial is a real
+Ray Train run of any stage.
+
+Ray 2.60's Train V2 + Tune pattern: a trial is a small driver function (``_trial``) holding no
+CPU (it asks for one unit of the custom resource ``TRAIN_DRIVER``), which builds the trial's
+config and calls :func:`sdeseg.launch.run_on_ray` with ``TuneReportCallback``: every
+``ctx.report`` of the stage (validation metrics with ``step``) reaches Tune, so ASHA stops weak
+trials at its milestones. The Train run of a trial is named after the search and the trial id
+and its run directory is ``<out>/trials/<trial id>``: a retried trial, or a search resumed
+after the driver was stopped, continues from the trial's own latest checkpoint. Re-running
+the same command restores the Tune experiment (``<out>/tune/<name>``, or
+``<runtime.storage_path>/tune/<name>`` on object storage) and runs only what is unfinished.
+
+Results: ``<out>/results.parquet`` (one row per trial: parameters, the metric at every
+validation, final and best metric, steps done, status, wall time), ``<out>/best.json`` and
+``<out>/summary.md`` with ``<out>/curves.png`` (the metric over steps per trial) and, when the
+search file has ``plot``, ``<out>/plot.png`` (the final metric over ``plot.x`` per ``plot.series``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sdeseg.search import SearchSpec, load_search
+
+log = logging.getLogger("sdeseg")
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # a trial's driver holds one of these and no CPU
+
+
+def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str) -> None:
+    """One trial (runs in a Tune actor): build its config and train it with Ray Train."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sdeseg.launch import run_on_ray
+
+    spec = load_search(search_path, extra)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = spec.trial_config(config)
+    cfg.runtime.run_name = f"{spec.name}-{trial_id}"  # a retried or resumed trial finds its checkpoints
+    cfg.runtime.storage_path = cfg.runtime.storage_path or str(Path(out) / "ray")
+    run_dir = Path(out) / "trials" / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "params.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    run_on_ray(cfg, run_dir, callbacks=[TuneReportCallback()])
+
+
+def _param_space(spec: SearchSpec) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for d in spec.space:
+        if d.kind == "grid":
+            space[d.key] = tune.grid_search(d.values)
+        elif d.kind == "choice":
+            space[d.key] = tune.choice(d.values)
+        elif d.kind == "uniform":
+            space[d.key] = tune.uniform(d.low, d.high)
+        else:
+            space[d.key] = tune.loguniform(d.low, d.high)
+    for group, options in spec.groups.items():
+        space[group] = tune.grid_search(list(options))
+    return space
+
+
+def _search_alg(spec: SearchSpec):
+    if spec.search != "optuna":
+        return None  # BasicVariantGenerator: grids crossed with num_samples random draws
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:  # pragma: no cover - optuna is in the dev and tune extras
+        raise RuntimeError("search.name=optuna needs optuna: pip install 'sdeseg[optuna]'") from e
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=spec.max_concurrent)
+
+
+def _scheduler(spec: SearchSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", max_t=spec.max_steps(), grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def ensure_tune_cluster(spec: SearchSpec) -> None:
+    """Connect to ``RAY_ADDRESS`` (its nodes must offer ``TRAIN_DRIVER``; the cluster manifests'
+    head does) or start a local cluster with one ``TRAIN_DRIVER`` per concurrent trial."""
+    import ray
+
+    from sdeseg.runtime.cluster import loopback_only
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        have = ray.cluster_resources().get(DRIVER_RESOURCE, 0)
+        if have < 1:
+            from sdeseg.config import ConfigError
+
+            raise ConfigError(f"the Ray cluster at {address} offers no {DRIVER_RESOURCE} resource for the trials' "
+                              f"drivers: start a node with --resources='{{\"{DRIVER_RESOURCE}\": 8}}' (the RayCluster "
+                              "of cluster/ does this on its head)")
+        return
+    from sdeseg.launch import PASS_ENV
+
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    with loopback_only():
+        ray.init(num_cpus=os.cpu_count() or 1, resources={DRIVER_RESOURCE: spec.max_concurrent},
+                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
+
+
+def experiment_root(spec: SearchSpec, out: Path) -> str:
+    """Where Tune keeps the search's state: beside the trials' checkpoints when they go to object
+    storage (``<runtime.storage_path>/tune``: a new driver pod resumes the search), else ``<out>/tune``."""
+    from sdeseg.config import load_config
+    from sdeseg.storage import is_url
+
+    storage = load_config(spec.base, spec.overrides).runtime.storage_path
+    return f"{storage.rstrip('/')}/tune" if is_url(storage) else str(out / "tune")
+
+
+def run_search(search_path: str, out: str | Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the best trial's row. The search file is checked first."""
+    spec = load_search(search_path, extra)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoint-only reports lack the metric
+    ensure_tune_cluster(spec)
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, search_path=spec.path, extra=list(extra or []), out=str(out)),
+        {"cpu": 0, DRIVER_RESOURCE: 1},
+    )
+    tune_root = experiment_root(spec, out)
+    experiment = f"{tune_root}/{spec.name}"
+    start = time.time()
+    if tune.Tuner.can_restore(experiment):
+        log.info("resuming the search in %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec),
+                                        search_alg=_search_alg(spec), num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent),
+            run_config=tune.RunConfig(name=spec.name, storage_path=tune_root,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    rows = collect_results(spec, grid, out)
+    best = write_results(spec, rows, out)
+    log.info("search %s: %d trials in %.0f s; best %s = %s", spec.name, len(rows), time.time() - start, spec.metric,
+             best.get("final"))
+    return best
+
+
+def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
+    """One row per trial from Tune's ResultGrid."""
+    rows = []
+    max_steps = spec.max_steps()
+    for result in grid:
+        trial_id = Path(result.path).name.split("_")[-2] if result.path else ""
+        history = result.metrics_dataframe
+        steps, values = [], []
+        if history is not None and spec.metric in history and "step" in history:
+            h = history[history[spec.metric].notna()]
+            steps, values = [int(s) for s in h["step"]], [float(v) for v in h[spec.metric]]
+        params = {k: result.config.get(k) for k in [d.key for d in spec.space] + list(spec.groups)}
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id", trial_id)
+        done = int(max(steps, default=0))
+        summary_file = out / "trials" / str(trial_id) / "summary.json"
+        if result.error is not None:
+            status = "error"
+        elif summary_file.exists() or done >= max_steps:
+            status = "completed"
+        else:
+            status = "stopped early"
+        best = (max(values) if spec.mode == "max" else min(values)) if values else None
+        rows.append({"trial_id": str(trial_id), **{f"param/{k}": v for k, v in params.items()},
+                     "steps": steps, "values": values, "final": values[-1] if values else None, "best": best,
+                     "steps_done": done, "status": status, "wall_s": float(metrics.get("time_total_s") or 0.0),
+                     "run_dir": str(out / "trials" / str(trial_id)),
+                     "error": str(result.error)[:500] if result.error is not None else None})
+    return rows
+
+
+def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """results.parquet, best.json, summary.md and the plots; returns the best row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{k: (json.dumps(v) if k.startswith("param/") else v) for k, v in r.items()}
+                                  for r in rows])
+    tmp = out / "results.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(out / "results.parquet")
+    scored = [r for r in rows if r["final"] is not None]
+    sign = 1 if spec.mode == "max" else -1
+    best = max(scored, key=lambda r: sign * r["final"]) if scored else {}
+    (out / "best.json").write_text(json.dumps({"metric": spec.metric, "mode": spec.mode, **best}, indent=1,
+                                              default=str))
+    _plots(spec, rows, out)
+    lines = [f"# Search `{spec.name}` ({spec.path})", "",
+             f"{len(rows)} trials; metric `{spec.metric}` ({spec.mode}); scheduler {spec.scheduler.name}; "
+             f"search {spec.search}; base `{spec.base}` with {' '.join(spec.overrides) or 'no overrides'}.", "",
+             "| trial | " + " | ".join(k for k in rows[0] if k.startswith("param/")) + " | final | best | steps | "
+             "status | wall s |" if rows else "(no trials)",
+             "| --- |" + " --- |" * (len([k for k in rows[0] if k.startswith("param/")]) + 5) if rows else ""]
+    for r in sorted(rows, key=lambda r: -sign * (r["final"] if r["final"] is not None else -sign * 1e30)):
+        params = " | ".join(str(v) for k, v in r.items() if k.startswith("param/"))
+        final = f"{r['final']:.4f}" if r["final"] is not None else "–"
+        best_v = f"{r['best']:.4f}" if r["best"] is not None else "–"
+        lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {r['steps_done']} | {r['status']} | "
+                     f"{r['wall_s']:.0f} |")
+    lines += ["", "![metric over steps](curves.png)"] + (["", "![final metric](plot.png)"] if spec.plot else [])
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return best
+
+
+def _plots(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["steps"]:
+            ax.plot(r["steps"], r["values"], marker="o", label=r["trial_id"])
+    ax.set_xlabel("step")
+    ax.set_ylabel(spec.metric)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    if not spec.plot:
+        return
+    x, series = spec.plot.get("x"), spec.plot.get("series")
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r["final"] is None or r["status"] != "completed":
+            continue
+        key = str(r.get(f"param/{series}")) if series else spec.metric
+        lines.setdefault(key, {}).setdefault(float(r[f"param/{x}"]), []).append(r["final"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sorted(lines.items()):
+        xs = sorted(points)
+        ax.plot(xs, [sum(points[v]) / len(points[v]) for v in xs], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{spec.metric} (final, mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""`sdeseg tune`: search files checked before anything starts; real Ray Tune searches of real
+Ray Train runs on a local 2-CPU cluster (ASHA stops a trial early, a stopped driver resumes
+without redoing finished trials, a killed trial worker resumes from its checkpoint)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from sdeseg.config import ConfigError
+from sdeseg.runtime.context import FAULT_ENV
+from sdeseg.search import example_params, grid_points, load_search
+from tests.conftest import TINY
+
+TINY_TRIAL = [o for o in TINY if not o.startswith(("runtime.in_process", "runtime.num_workers"))]
+
+
+def _search(tmp_path: Path, root: str, **fields) -> Path:
+    data = {
+        "base": "demo_semiseg",
+        "overrides": [f"data.root={root}", *TINY_TRIAL, "data.num_labeled=8", "semiseg.pseudo_label=false",
+                      "semiseg.transfer=false", "semiseg.mix=none", "optim.schedule=constant", "train.steps=4",
+                      "train.val_every=2", "train.ckpt_every=2", "runtime.max_failures=1"],
+        "space": {"optim.lr": {"grid": [3e-2, 1e-12, 3e-2, 1e-12]}},
+        "metric": "seg/miou", "mode": "max",
+        "scheduler": {"name": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2},
+        "search": {"name": "grid"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "max_concurrent": 2,
+    } | fields
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- the search file
+
+
+def test_shipped_searches_load_and_count_their_trials():
+    assert load_search("component_study").grid_size() == 12  # 6 rows x 2 seeds
+    assert load_search("label_budgets").grid_size() == 18
+    spec = load_search("demo_loss_weights")
+    assert spec.scheduler.name == "asha" and spec.num_samples == 16 and spec.max_steps() == 800
+    for name in ("cityscapes_loss_weights", "cityscapes_component_study", "cityscapes_label_budgets"):
+        assert load_search(name).resources.gpus_per_worker == 1
+
+
+def test_group_overrides_name_the_trials_values(tmp_path):
+    spec = load_search("label_budgets")
+    points = grid_points(spec)
+    assert len(points) == 18
+    depth = next(p for p in points if p["selection"] == "depth" and p["data.num_labeled"] == 33)
+    assert "data.labeled_keys=runs/select_depth/selection/labeled_keys_33.json" in spec.trial_overrides(depth)
+    cfg = spec.trial_config(example_params(spec))
+    assert cfg.runtime.num_workers == 1 and cfg.runtime.in_process is False
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"space": {"semiseg.no_such_key": {"grid": [1]}}}, r"space.semiseg.no_such_key: .*unknown key"),
+    ({"space": {"optim.lr": {"uniform": [1e-2, 1e-3]}}, "search": {"name": "random"}}, "low must be below high"),
+    ({"space": {"optim.lr": {"loguniform": [0, 1e-3]}}, "search": {"name": "random"}}, "loguniform needs low > 0"),
+    ({"space": {"optim.lr": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
+    ({"space": {"train.steps": {"grid": [0]}}}, r"space.train.steps: .*train.steps: must be >= 1"),
+    ({"space": {"optim.lr": {"choice": [1e-3]}}}, "grid search takes only grid dimensions"),
+    ({"metric": "depth/abs_rel"}, "not reported by the semiseg stage"),
+    ({"mode": "best"}, "mode: must be min or max"),
+    ({"scheduler": {"name": "asha", "grace_period": 1, "max_t": 4}}, r"train.val_every \(2\) must be > 0 and <="),
+    ({"scheduler": {"name": "pbt"}}, "asha or fifo"),
+    ({"resources": {"num_workers": 1, "cpus": 2}}, "resources.cpus: unknown key"),
+    ({"samples": 3}, "samples: unknown key"),
+    ({"groups": {"row": {"bad": ["semiseg.mix=nothing"]}}}, r"groups.row.bad: .*semiseg.mix: must be one of"),
+])
+def test_a_bad_search_file_is_refused_naming_the_key(tmp_path, synthetic_root, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search(_search(tmp_path, synthetic_root, **change))
+
+
+def test_the_cli_refuses_a_bad_search_before_ray_starts(tmp_path, synthetic_root, capsys):
+    from sdeseg.cli import main
+
+    path = _search(tmp_path, synthetic_root, space={"semiseg.no_such_key": {"grid": [1]}})
+    assert main(["tune", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "semiseg.no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- real searches
+
+
+def _tune_cmd(search: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "sdeseg.cli", "tune", str(search), "--out", str(out)]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", **extra}
+
+
+@pytest.mark.slow
+def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, synthetic_root):
+    out = tmp_path / "out"
+    done = subprocess.run(_tune_cmd(_search(tmp_path, synthetic_root), out), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    assert sorted(json.loads(r["param/optim.lr"]) for r in rows) == [1e-12, 1e-12, 3e-2, 3e-2]
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(json.loads(r["param/optim.lr"]) == 1e-12 and r["steps_done"] == 2 for r in stopped)
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert all(r["steps"] == [2, 4] and len(r["values"]) == 2 for r in completed)
+    best = json.loads((out / "best.json").read_text())
+    assert best["param/optim.lr"] == 3e-2 and best["final"] == max(r["final"] for r in rows)
+    assert (out / "curves.png").stat().st_size > 5000 and "| trial |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, synthetic_root):
+    """FIFO grid of 4 trials of 6 steps; every trial's worker dies once at step 3 (it resumes from
+    its step-2 checkpoint); the driver gets SIGINT once one trial has finished, and the same
+    command then finishes the search without running that trial again."""
+    search = _search(tmp_path, synthetic_root, scheduler={"name": "fifo"},
+                     overrides=yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
+                     + ["train.steps=6"])
+    out = tmp_path / "out"
+    env = _env(**{FAULT_ENV: "3"})
+    proc = subprocess.Popen(_tune_cmd(search, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((out / "trials").glob("*/summary.json")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(1)
+    finished = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
+    assert finished
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+    again = subprocess.run(_tune_cmd(search, out), env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "completed" and r["steps_done"] == 6 for r in rows)
+    for trial, mtime in finished.items():  # finished before the interruption: not trained again
+        assert (out / "trials" / trial / "summary.json").stat().st_mtime == mtime
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        assert json.loads((run_dir / "fault_injected").read_text())["step"] == 3
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "event/resumed" in r] == [2]
+        assert max(r["step"] for r in records if r["kind"] == "train") == 6
+
+
+def test_optuna_tpe_suggests_points_of_the_space(tmp_path, synthetic_root):
+    """search.name=optuna: Ray Tune's OptunaSearch takes the converted space and suggests values
+    inside it (no cluster needed to ask it)."""
+    pytest.importorskip("optuna")
+    from sdeseg.tuning import _param_space, _search_alg
+
+    spec = load_search(_search(tmp_path, synthetic_root, search={"name": "optuna"}, scheduler={"name": "fifo"},
+                               space={"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                                      "semiseg.pseudo_threshold": {"uniform": [0.9, 0.99]},
+                                      "semiseg.ema_alpha_max": {"choice": [0.99, 0.999]}}))
+    alg = _search_alg(spec)
+    assert alg.set_search_properties(spec.metric, spec.mode, _param_space(spec))
+    for i in range(3):
+        point = alg.suggest(f"t{i}")
+        assert 1e-4 <= point["optim.lr"] <= 1e-2 and 0.9 <= point["semiseg.pseudo_threshold"] <= 0.99
+        assert point["semiseg.ema_alpha_max"] in (0.99, 0.999)
+        spec.trial_config(point)  # every suggestion is a valid trial config
+        alg.on_trial_complete(f"t{i}", {"seg/miou": 0.1 * i, "step": 4})
+    with pytest.raises(ConfigError, match="optuna samples every dimension itself"):
+        load_search(_search(tmp_path, synthetic_root, search={"name": "optuna"}, scheduler={"name": "fifo"}))
