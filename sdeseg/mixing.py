@@ -126,6 +126,105 @@ def depth_mix_batch(
     )
 
 
+# ----------------------------------------------------------------------------- domain adaptation
+
+
+def match_geometry(
+    target_depth: torch.Tensor,
+    source_depth: torch.Tensor,
+    ignore_top: int = 0,
+    ignore_bottom: int = 0,
+    mode: str = "median",
+) -> torch.Tensor:
+    """Matching Geometry Sampling: per target image, the source candidate whose depth map is closest.
+
+    Args:
+        target_depth: (B,H,W) > 0, the target images' depth (their SDE's).
+        source_depth: (B,K,H,W) > 0, K source candidates per target (the source SDE's depth).
+        ignore_top, ignore_bottom: rows left out at the top and bottom (sky, ego car).
+        mode: ``"median"`` (default): each map is divided by its own median over the kept rows,
+            since the two domains' SDE networks have their own scales, and the criterion is the
+            mean over the kept rows of ``|log t - log s_k|``. ``"official"``: the official
+            code's criterion on raw disparities (pass disparities ``p`` instead of depths):
+            mean ``|log(p_t + 1) - log(p_s + 1)|``, no normalisation.
+
+    Returns:
+        (B,) long: per target, the k with the smallest criterion (ties: smallest k).
+    """
+    if target_depth.dim() != 3 or source_depth.dim() != 4 or source_depth.shape[0] != target_depth.shape[0] \
+            or source_depth.shape[2:] != target_depth.shape[1:]:
+        raise ValueError(f"match_geometry: need target (B,H,W) and source (B,K,H,W) of one size, got "
+                         f"{tuple(target_depth.shape)} and {tuple(source_depth.shape)}")
+    h = target_depth.shape[1]
+    if ignore_top < 0 or ignore_bottom < 0 or ignore_top + ignore_bottom >= h:
+        raise ValueError(f"match_geometry: ignore_top={ignore_top} and ignore_bottom={ignore_bottom} leave no "
+                         f"rows of {h}")
+    t = target_depth[:, ignore_top:h - ignore_bottom].double()
+    s = source_depth[:, :, ignore_top:h - ignore_bottom].double()
+    if mode == "median":
+        if (t <= 0).any() or (s <= 0).any():
+            raise ValueError("match_geometry: depths must be > 0")
+        t = torch.log(t) - torch.log(t.flatten(1).median(dim=1).values).view(-1, 1, 1)
+        s = torch.log(s) - torch.log(s.flatten(2).median(dim=2).values)[..., None, None]
+    elif mode == "official":
+        t, s = torch.log1p(t), torch.log1p(s)
+    else:
+        raise ValueError(f"match_geometry: mode must be 'median' or 'official', got {mode!r}")
+    criterion = (t[:, None] - s).abs().flatten(2).mean(dim=2)  # (B,K)
+    return torch.argmin(criterion, dim=1)  # the first minimum: ties go to the smallest k
+
+
+def cross_domain_depth_mix(
+    source_images: torch.Tensor,
+    source_depth: torch.Tensor,
+    source_label: torch.Tensor,
+    target_images: torch.Tensor,
+    target_depth: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    eps: float = 0.0,
+    threshold: float = 0.968,
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+) -> MixResult:
+    """Cross-Domain DepthMix: source image i pasted over target image i where the source is closer.
+
+    ``mask[i] = source_depth[i] < target_depth[i] + m_i`` with ``m_i = ±eps`` (the sign drawn
+    per image with probability 1/2, as the official code's margin), through
+    :func:`sdeseg.ops.depth_mix`. The mixed "probabilities" are the source's one-hot ground
+    truth where the source shows and the target teacher's probabilities elsewhere; the
+    per-pixel ``weight`` is 1 on source pixels and, on target pixels, the fraction of target
+    pixels whose teacher confidence reaches ``threshold`` (one scalar over the batch).
+
+    Args:
+        source_images, target_images: (B,3,H,W). source_depth, target_depth: (B,1,H,W), smaller = closer.
+        source_label: (B,H,W) ground-truth train ids (``ignore_index`` = no label).
+        target_probs: (B,C,H,W) teacher probabilities of the target images.
+
+    Returns:
+        :class:`MixResult`: ``image``, ``mask`` (True = source pixel), ``probs``, ``label``
+        (argmax of the mix; ``ignore_index`` where the source pixel has no label), ``weight``.
+    """
+    b = source_images.shape[0]
+    if target_images.shape[0] != b or source_images.shape[2:] != target_images.shape[2:]:
+        raise ValueError(f"cross_domain_depth_mix: source {tuple(source_images.shape)} and target "
+                         f"{tuple(target_images.shape)} batches differ")
+    signs = torch.where(torch.rand(b, generator=generator, device=_gen_device(generator)) < 0.5, -1.0, 1.0)
+    shift = (eps * signs).to(source_depth).view(b, 1, 1, 1)
+    depth = torch.cat([source_depth - shift, target_depth])  # s - m < t  <=>  s < t + m
+    source_probs = labels_to_probs(source_label, target_probs.shape[1], ignore_index).to(target_probs)
+    images = torch.cat([source_images, target_images])
+    probs = torch.cat([source_probs, target_probs])
+    perm = torch.cat([torch.arange(b) + b, torch.arange(b)]).to(images.device)
+    mask, (image, mixed_probs) = depth_mix(depth, images, probs, perm=perm, eps=0.0)
+    mask, image, mixed_probs = mask[:b], image[:b], mixed_probs[:b]
+    max_probs, label = mixed_probs.max(1)
+    label = label.masked_fill(max_probs == 0, ignore_index)
+    confident = (target_probs.max(1).values >= threshold).float().mean()
+    weight = torch.where(mask[:, 0], torch.ones_like(max_probs), confident.expand_as(max_probs))
+    return MixResult(image=image, mask=mask, perm=perm[:b] - b, probs=mixed_probs, label=label, weight=weight)
+
+
 def classmix_masks(teacher_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """ClassMix masks (B,1,H,W) bool: for each image, a random half (rounded down) of the
     classes present in its teacher argmax; pixels with an all-zero probability vector
