@@ -216,6 +216,35 @@ class SemisegConfig:
 
 
 @dataclass(kw_only=True)
+class SsdaConfig:
+    """Semi-supervised domain adaptation (``stage: ssda``): a labeled source domain beside the
+    few target labels (the semisg section configures the rest)."""
+
+    source_root: str | None = None  # dataset of the source (None: data.root, then name both domains)
+    source_domain: str | None = None  # e.g. synth-game
+    source_split: str = "train"
+    source_sde_checkpoint: str | None = None  # the source's own SDE export (its depth)
+    # source candidates per target image; the closest geometry wins (1: random pairing)
+    mgs_candidates: int = 5
+    # "median": each depth map over its own median (two SDE networks, two scales; the presets);
+    # "official": the official code's raw-disparity criterion
+    match: Literal["median", "official"] = "median"
+    ignore_top: float = 0.156  # rows left out of the match: the official 80 and 100 of 512
+    ignore_bottom: float = 0.195
+    cross_mix: bool = True  # Cross-Domain DepthMix
+    mix_eps: float = 0.03  # its margin, with a random sign per image (official)
+    source_weight: float = 1.0  # supervised loss on the matched source batch
+    cross_weight: float = 1.0  # loss on the cross-domain mix
+
+    def __post_init__(self) -> None:
+        _check(self.mgs_candidates >= 1, "ssda.mgs_candidates", "must be >= 1")
+        _check(0 <= self.ignore_top and 0 <= self.ignore_bottom and self.ignore_top + self.ignore_bottom < 1,
+               "ssda.ignore_top", "ignore_top + ignore_bottom must leave rows (fractions in [0, 1))")
+        _check(self.mix_eps >= 0 and self.source_weight >= 0 and self.cross_weight >= 0, "ssda",
+               "mix_eps and the weights must be >= 0")
+
+
+@dataclass(kw_only=True)
 class SelectConfig:
     """Automatic data selection (``stage: select``): which training images to label.
 
@@ -361,12 +390,13 @@ class RuntimeConfig:
 class Config:
     """The whole run. ``stage`` picks the training stage."""
 
-    stage: Literal["sde", "semiseg", "select"] = "sde"
+    stage: Literal["sde", "semiseg", "select", "ssda"] = "sde"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     depth_loss: DepthLossConfig = field(default_factory=DepthLossConfig)
     semiseg: SemisegConfig = field(default_factory=SemisegConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    ssda: SsdaConfig = field(default_factory=SsdaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -52,6 +52,8 @@ def preflight(cfg: Config) -> Config:
     cfg.data.labeled_keys = _absolute(cfg.data.labeled_keys)
     cfg.semiseg.sde_checkpoint = _absolute(cfg.semiseg.sde_checkpoint)
     cfg.select.sde_checkpoint = _absolute(cfg.select.sde_checkpoint)
+    cfg.ssda.source_sde_checkpoint = _absolute(cfg.ssda.source_sde_checkpoint)
+    cfg.ssda.source_root = _absolute(cfg.ssda.source_root)
     cfg.model.pretrained = _absolute(cfg.model.pretrained)
     cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
     check_storage(cfg.data.root, "data.root", write=False)  # bucket, credentials, endpoint: one line each
@@ -60,6 +62,7 @@ def preflight(cfg: Config) -> Config:
         check_storage(cfg.runtime.storage_path, "runtime.storage_path")
     files = {"data.labeled_keys": cfg.data.labeled_keys, "semiseg.sde_checkpoint": cfg.semiseg.sde_checkpoint,
              "select.sde_checkpoint": cfg.select.sde_checkpoint,
+             "ssda.source_sde_checkpoint": cfg.ssda.source_sde_checkpoint,
              "model.pretrained": cfg.model.pretrained}
     for key, path in files.items():
         if path is None:

@@ -43,7 +43,8 @@ SEARCH_DIR = Path(__file__).resolve().parent.parent / "tune" / "searches"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "overrides", "space", "groups", "metric", "mode", "scheduler", "search", "resources",
             "max_concurrent", "plot", "name")
-STAGE_METRICS = {"sde": ("depth/",), "semiseg": ("seg/", "teacher/"), "select": ("select/",)}
+STAGE_METRICS = {"sde": ("depth/",), "semiseg": ("seg/", "teacher/"), "ssda": ("seg/", "teacher/"),
+                 "select": ("select/",)}
 
 
 @dataclass

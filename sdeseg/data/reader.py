@@ -595,4 +595,5 @@ def make_loader(
         max_corrupt_fraction=cfg.max_corrupt_fraction,
     )
     kwargs.update(overrides)
-    return ShardStream(cfg.root, **kwargs)
+    root = kwargs.pop("root", cfg.root)  # another dataset, e.g. a domain-adaptation source
+    return ShardStream(root, **kwargs)

@@ -10,6 +10,7 @@ STAGES = {
     "sde": "sdeseg.stages.sde",
     "semiseg": "sdeseg.stages.semiseg",
     "select": "sdeseg.stages.select",
+    "ssda": "sdeseg.stages.ssda",
 }
 
 

@@ -1,0 +1,192 @@
+"""Stage: semi-supervised domain adaptation — few target labels plus a labeled synthetic source.
+
+The extension paper's setting (``../shared/METHODS.md``, "Semi-supervised domain adaptation"):
+the semi-supervised stage (mean teacher, within-target DepthMix, transfer from the target's
+SDE export) plus, per micro-batch, ``ssda.mgs_candidates`` source images per unlabeled target
+image. Matching Geometry Sampling keeps, per target, the candidate whose depth map (the
+source's own SDE export) is closest to the target's (:func:`sdeseg.mixing.match_geometry`);
+the matched source batch gives a supervised source loss and is pasted over the targets where
+it is closer (Cross-Domain DepthMix, :func:`sdeseg.mixing.cross_domain_depth_mix`): source
+ground truth with weight 1, target pseudo-labels with the teacher's confident fraction. With
+``ssda.mgs_candidates=1`` the pairing is random (the ablation's "random pairing").
+Everything else — optimizer steps, EMA teacher, validation on the target, exports, exact
+resume — is the semi-supervised stage's, reused from ``sdeseg.stages.semiseg``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sdeseg.config import Config, ConfigError
+from sdeseg.data.labeled import labeled_keys_for
+from sdeseg.data.manifest import DatasetError
+from sdeseg.data.shardio import ShardIndex
+from sdeseg.exports import load_depth_model, read_export
+from sdeseg.losses.seg import pixel_cross_entropy, pseudo_label_seg_loss, supervised_seg_loss
+from sdeseg.mixing import cross_domain_depth_mix, match_geometry, strong_augment
+from sdeseg.models import EMATeacher
+from sdeseg.optim import param_groups
+from sdeseg.runtime import Progress, StageContext, StageResult, StepMeter, TrainState
+from sdeseg.stages import semiseg
+from sdeseg.stages.semiseg import SEG_KEYS, build_models, check_labels, export_payload, make_mixed_batch, validate
+
+
+def preflight(cfg: Config) -> None:
+    """The semi-supervised checks plus the source: labeled samples of its split, its SDE export."""
+    semiseg.preflight(cfg)
+    s = cfg.ssda
+    root = s.source_root or cfg.data.root
+    index = ShardIndex.load(root)
+    rows = [r for r in index.rows.values()
+            if r["split"] == s.source_split and (s.source_domain is None or r["domain"] == s.source_domain)]
+    where = f"{root} (split {s.source_split!r}{f', domain {s.source_domain!r}' if s.source_domain else ''})"
+    if not rows:
+        raise ConfigError(f"ssda.source_root: no source samples in {where}")
+    if not all(r["has_label"] for r in rows):
+        raise ConfigError(f"ssda.source_root: {sum(not r['has_label'] for r in rows)} of {len(rows)} source samples "
+                          f"in {where} have no label; the source domain must be fully labeled")
+    if s.source_domain is None and cfg.data.domain is None and root == cfg.data.root:
+        raise ConfigError("ssda.source_domain: source and target share data.root: name the source's domain "
+                          "(e.g. synth-game) and the target's (data.domain, e.g. synth-city)")
+    if not s.source_sde_checkpoint:
+        raise ConfigError("ssda.source_sde_checkpoint: the source's own SDE export gives its depth (Matching "
+                          "Geometry Sampling, Cross-Domain DepthMix); set it to the target's export "
+                          f"({cfg.semiseg.sde_checkpoint}) only as the documented weaker fallback")
+    read_export(s.source_sde_checkpoint, "sde")
+
+
+def source_stream(cfg: Config, ctx: StageContext):
+    """This rank's endless source batches: ``ssda.mgs_candidates`` labeled candidates per target image."""
+    s = cfg.ssda
+    return ctx.train_stream(frames=(0,), labels=True, root=s.source_root or cfg.data.root, domain=s.source_domain,
+                            split=s.source_split, batch_size=cfg.data.batch_size * s.mgs_candidates)
+
+
+@torch.no_grad()
+def matched_source(src, ub, target_net, source_net, cfg: Config, autocast):
+    """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth)."""
+    s = cfg.ssda
+    b, k = ub.images[0].shape[0], s.mgs_candidates
+    with autocast():
+        t_disp = target_net(ub.images[0])[("disp", 0)].float()
+        s_disp = source_net(src.images[0])[("disp", 0)].float()
+    t_depth, s_depth = target_net.depth_range.depth(t_disp), source_net.depth_range.depth(s_disp)
+    h = t_depth.shape[-2]
+    top, bottom = int(round(s.ignore_top * h)), int(round(s.ignore_bottom * h))
+    if k == 1:
+        choice = torch.zeros(b, dtype=torch.long, device=t_depth.device)
+    elif s.match == "official":  # raw disparities, as the official code compares them
+        choice = match_geometry(t_disp[:, 0], s_disp.view(b, k, *s_disp.shape[-2:]), top, bottom, mode="official")
+    else:
+        choice = match_geometry(t_depth[:, 0], s_depth.view(b, k, *s_depth.shape[-2:]), top, bottom)
+    pick = torch.arange(b, device=choice.device) * k + choice
+    return pick, s_depth[pick], t_depth
+
+
+def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config, gen: torch.Generator, step: int,
+               autocast) -> dict:
+    """Forward and backward of one micro-batch; returns detached loss terms and statistics."""
+    s, ss = cfg.semiseg, cfg.ssda
+    engine.train()
+    pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_net, cfg, autocast)
+    src_images, src_label = src.images[0][pick], src.label[pick]
+    within = make_mixed_batch(teacher, target_net, lb, ub, cfg, gen, autocast)  # within-target DepthMix
+    terms, stats = {}, {}
+    n_lab = lb.images_aug[0].shape[0]
+    out = engine(lb.images_aug[0])
+    terms |= supervised_seg_loss({k: out[k][:n_lab] for k in SEG_KEYS if k in out}, lb.label, s).terms
+    src_out = engine(src.images_aug[0][pick])
+    terms["seg/source"] = ss.source_weight * supervised_seg_loss({("seg", 0): src_out[("seg", 0)]}, src_label,
+                                                                 s).terms["seg/sup"]
+    unsup = pseudo_label_seg_loss({("seg", 0): engine(within.image)[("seg", 0)]}, within.probs, s, step, within.weight)
+    terms |= unsup.terms
+    stats |= unsup.stats
+    if ss.cross_mix:
+        with torch.no_grad(), autocast():
+            tgt_probs = torch.softmax(teacher(ub.images[0])[("seg", 0)].float(), dim=1)
+        cross = cross_domain_depth_mix(src_images, src_depth, src_label, ub.images[0], tgt_depth, tgt_probs,
+                                       eps=ss.mix_eps, threshold=s.pseudo_threshold, ignore_index=s.ignore_index,
+                                       generator=gen)
+        image = strong_augment(cross.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
+        ce = pixel_cross_entropy(engine(image)[("seg", 0)], cross.label, s.ignore_index)
+        terms["seg/cross"] = ss.cross_weight * (ce * cross.weight).mean()
+        stats["ssda/source_share"] = cross.mask.float().mean()
+    total = sum(terms.values())
+    engine.backward(total)
+    engine.step()
+    return {k: v.detach() for k, v in terms.items()} | {"seg/total": total.detach()} | stats
+
+
+def frozen_depth_net(path: str, ctx: StageContext):
+    """An SDE export's depth network, frozen, with its ``depth_range`` attached."""
+    net, depth_range = load_depth_model(read_export(path, "sde"))
+    net.requires_grad_(False).to(ctx.device)
+    net.depth_range = depth_range
+    return net
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    s, t = cfg.semiseg, cfg.train
+    keys = labeled_keys_for(cfg.data)
+    pool = ctx.labeled_pool(keys)
+    check_labels(cfg, pool)
+    model, target_net = build_models(cfg, ctx)
+    if target_net is None:  # DepthMix is part of the method: the target's SDE depth is always used
+        target_net = frozen_depth_net(s.sde_checkpoint, ctx)
+    source_net = frozen_depth_net(cfg.ssda.source_sde_checkpoint, ctx)
+    teacher = EMATeacher(model, s.ema_alpha_max)
+    engine = ctx.build_engine(model, param_groups(model, cfg.optim))
+    teacher.to(ctx.device)
+    gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)
+    torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
+    stream = ctx.train_stream(frames=(0,), labels=False)
+    source = source_stream(cfg, ctx)
+
+    progress = Progress()
+    state = TrainState(engine, shared={"progress": progress, "teacher": teacher},
+                       per_rank={"labeled": pool, "reader": stream, "source": source, "generator": gen})
+    ctx.restore(state)
+    first_step = progress.step
+    labeled_it, unlabeled_it, source_it = iter(pool), iter(stream), iter(source)
+    meter = StepMeter()
+    start = time.perf_counter()
+    while progress.step < t.steps:
+        for _ in range(cfg.runtime.grad_accum):
+            t0 = time.perf_counter()
+            lb, ub, src = (next(it).to(ctx.device) for it in (labeled_it, unlabeled_it, source_it))
+            if src.label is None:
+                raise DatasetError(f"ssda: a source batch without labels ({src.keys[:2]}...)")
+            data_time = time.perf_counter() - t0
+            losses = train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg, gen, progress.step,
+                                ctx.autocast)
+            meter.update(losses, len(lb) + len(ub) + len(src), data_time)
+            if t.log_keys:
+                ctx.log(progress.step + 1, {"keys": list(lb.keys) + list(ub.keys) + list(src.keys)}, kind="keys")
+        teacher.update(engine.module, progress.step)  # once per optimizer step
+        progress.step += 1
+        ctx.end_step(progress.step, meter, engine)
+
+        val_due, ckpt_due = ctx.due(progress.step)
+        if not (val_due or ckpt_due):
+            continue
+        ctx.sync_buffers(engine.module, teacher.model)  # every rank validates, exports and saves one model
+        if val_due:
+            val = validate(engine.module, cfg, ctx)
+            val.update({k: v for k, v in validate(teacher.model, cfg, ctx, "teacher").items() if "/iou/" not in k})
+            progress.val = val | {"time/elapsed_s": time.perf_counter() - start}
+            ctx.log(progress.step, progress.val, kind="val")
+            if progress.improved(progress.val["seg/miou"], higher_is_better=True):
+                ctx.export("best", export_payload(engine.module, cfg, progress.step, progress.val))
+        metrics = {k: v for k, v in progress.val.items() if "/iou/" not in k} if val_due else {}
+        ctx.report(progress.step, metrics, state if ckpt_due else None)
+
+    wall = time.perf_counter() - start
+    test = ctx.test_metrics(lambda split: validate(engine.module, cfg, ctx, split=split))
+    ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))
+    summary = progress.val | test | {
+        "steps": progress.step, "steps_this_run": progress.step - first_step, "wall_time_s": wall,
+        "labeled_samples": len(keys), "teacher/updates": teacher.updates,
+    }
+    return StageResult(summary=summary, exports=ctx.exports())

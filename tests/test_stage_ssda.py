@@ -1,0 +1,88 @@
+"""The domain-adaptation stage in-process: a synthetic city target with a synthetic game source,
+each with its own SDE export; exact resume; domain keys; bad input before workers start."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sdeseg.config import ConfigError
+from sdeseg.launch import preflight, run_in_process
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def game_root(tmp_path_factory) -> str:
+    from data_prep.synthetic import generate
+
+    root = tmp_path_factory.mktemp("game") / "game"
+    generate(str(root), num_train=12, num_val=0, num_test=0, size=(32, 64), seed=5, procs=1, shard_size=6,
+             progress=False, style="game")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def exports(synthetic_root, game_root, tmp_path_factory):
+    out = {}
+    for name, root in (("city", synthetic_root), ("game", game_root)):
+        run_dir = tmp_path_factory.mktemp(f"sde_{name}")
+        extra = ["data.test_split=null", "data.val_split=train"] if name == "game" else []
+        out[name] = run_in_process(tiny_config("demo_sde", root, "train.steps=2", *extra), run_dir)["exports"]["last"]
+    return out
+
+
+def _ssda(root, game_root, exports, *extra):
+    return tiny_config("demo_ssda", root, f"semiseg.sde_checkpoint={exports['city']}", f"ssda.source_root={game_root}",
+                       f"ssda.source_sde_checkpoint={exports['game']}", "data.num_labeled=4", "ssda.mgs_candidates=3",
+                       "train.ckpt_every=3", "train.log_keys=true", "optim.schedule=constant", *extra)
+
+
+def _teacher(run_dir, step):
+    path = run_dir / "checkpoints" / f"ckpt_{step:06d}" / "state" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["sdeseg"]["teacher"]["model"]
+
+
+def test_ssda_trains_with_both_domains_and_keeps_their_keys(synthetic_root, game_root, exports, tmp_path):
+    summary = run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=2"), tmp_path)
+    assert summary["steps"] == 2 and 0.0 <= summary["seg/miou"] <= 1.0 and "test/seg/miou" in summary
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(r["seg/source"] > 0 and r["seg/cross"] > 0 and r["seg/unsup"] >= 0 for r in train)
+    keys = [r["keys"] for r in records if r["kind"] == "keys"]
+    for step_keys in keys:  # 2 labeled + 2 unlabeled targets, then 2 x 3 source candidates
+        assert all(k.startswith("synth-city/") for k in step_keys[:4])
+        assert len(step_keys) == 10 and all(k.startswith("synth-game/") for k in step_keys[4:])
+
+
+def test_ssda_resumes_exactly(synthetic_root, game_root, exports, tmp_path):
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=6"), tmp_path / "a")
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=3"), tmp_path / "b")
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=6"), tmp_path / "b")
+    a, b = _teacher(tmp_path / "a", 6), _teacher(tmp_path / "b", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    keys = [[r["keys"] for r in log if r["kind"] == "keys"] for log in logs]
+    assert keys[0] == keys[1] and len(keys[0]) == 6  # the same target and source samples at every step
+
+
+def test_bad_source_input_is_refused_before_workers_start(synthetic_root, game_root, exports, tmp_path):
+    with pytest.raises(ConfigError, match="ssda.source_sde_checkpoint"):
+        preflight(_ssda(synthetic_root, game_root, exports, "ssda.source_sde_checkpoint=null"))
+    with pytest.raises(ConfigError, match=r"ssda.source_sde_checkpoint: file .*missing.pt does not exist"):
+        preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_sde_checkpoint={tmp_path}/missing.pt"))
+    with pytest.raises(ConfigError, match="model.num_classes=5"):
+        preflight(_ssda(synthetic_root, game_root, exports, "model.num_classes=5"))
+    with pytest.raises(ConfigError, match="no source samples"):
+        preflight(_ssda(synthetic_root, game_root, exports, "ssda.source_domain=elsewhere"))
+    unlabeled = tmp_path / "unlabeled"
+    shutil.copytree(game_root, unlabeled)
+    table = pq.read_table(unlabeled / "manifest.parquet").to_pylist()
+    for row in table[:3]:
+        row["has_label"] = False
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(table), unlabeled / "manifest.parquet")
+    with pytest.raises(ConfigError, match="3 of 12 source samples .* have no label"):
+        preflight(_ssda(synthetic_root, str(unlabeled), exports))
