@@ -74,6 +74,8 @@ def test_bad_source_input_is_refused_before_workers_start(synthetic_root, game_r
         preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_sde_checkpoint={tmp_path}/missing.pt"))
     with pytest.raises(ConfigError, match="model.num_classes=5"):
         preflight(_ssda(synthetic_root, game_root, exports, "model.num_classes=5"))
+    with pytest.raises(ConfigError, match="model.multitask"):
+        preflight(_ssda(synthetic_root, game_root, exports, "model.multitask=true"))
     with pytest.raises(ConfigError, match="no source samples"):
         preflight(_ssda(synthetic_root, game_root, exports, "ssda.source_domain=elsewhere"))
     unlabeled = tmp_path / "unlabeled"

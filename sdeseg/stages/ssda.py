@@ -36,6 +36,9 @@ from sdeseg.stages.semiseg import SEG_KEYS, build_models, check_labels, export_p
 def preflight(cfg: Config) -> None:
     """The semi-supervised checks plus the source: labeled samples of its split, its SDE export."""
     semiseg.preflight(cfg)
+    if cfg.model.multitask:  # the target stream here carries centre frames only: no photometric loss
+        raise ConfigError("model.multitask: the domain-adaptation stage trains the segmentation model only "
+                          "(the official full setting's multi-task photometric loss is not built here yet)")
     s = cfg.ssda
     root = s.source_root or cfg.data.root
     index = ShardIndex.load(root)
