@@ -530,16 +530,21 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve_preset(path: str | Path) -> Path:
-    """A preset name (``demo_sde``), file name (``demo_sde.yaml``) or path -> existing path."""
+def resolve_named_file(path: str | Path, directory: Path, what: str) -> Path:
+    """A file path, or the name (with or without ``.yaml``) of a file shipped in ``directory``."""
     p = Path(path)
     if p.is_file():
         return p
-    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+    for cand in (directory / p.name, directory / f"{p.name}.yaml"):
         if cand.is_file():
             return cand
-    presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {path} does not exist (presets: {presets})")
+    shipped = ", ".join(sorted(q.stem for q in directory.glob("*.yaml")))
+    raise ConfigError(f"{what} {path} does not exist (shipped: {shipped})")
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A preset name (``demo_sde``), file name (``demo_sde.yaml``) or path -> existing path."""
+    return resolve_named_file(path, CONFIG_DIR, "config file")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from sdeseg.config import Config, ConfigError, load_config, parse_override, resolve_preset
+from sdeseg.config import Config, ConfigError, load_config, parse_override, resolve_named_file, resolve_preset
 
 SEARCH_DIR = Path(__file__).resolve().parent.parent / "tune" / "searches"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -124,14 +124,7 @@ def fill(override: str, params: dict[str, Any]) -> str:
 
 def resolve_search(path: str | Path) -> Path:
     """A search name (``demo_loss_weights``), file name or path -> existing path."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for cand in (SEARCH_DIR / p.name, SEARCH_DIR / f"{p.name}.yaml"):
-        if cand.is_file():
-            return cand
-    known = ", ".join(sorted(q.stem for q in SEARCH_DIR.glob("*.yaml")))
-    raise ConfigError(f"search file {path} does not exist (shipped searches: {known})")
+    return resolve_named_file(path, SEARCH_DIR, "search file")
 
 
 def _need(cond: bool, key: str, msg: str) -> None:

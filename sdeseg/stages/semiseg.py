@@ -251,25 +251,38 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         progress.step += 1
         ctx.end_step(progress.step, meter, engine)
 
-        val_due, ckpt_due = ctx.due(progress.step)
-        if not (val_due or ckpt_due):
-            continue
-        ctx.sync_buffers(engine.module, teacher.model)  # every rank validates, exports and saves one model
-        if val_due:
-            val = validate(engine.module, cfg, ctx)
-            val.update({k: v for k, v in validate(teacher.model, cfg, ctx, "teacher").items() if "/iou/" not in k})
-            progress.val = val | {"time/elapsed_s": time.perf_counter() - start}
-            ctx.log(progress.step, progress.val, kind="val")
-            if progress.improved(progress.val["seg/miou"], higher_is_better=True):
-                ctx.export("best", export_payload(engine.module, cfg, progress.step, progress.val))
-        metrics = {k: v for k, v in progress.val.items() if "/iou/" not in k} if val_due else {}
-        ctx.report(progress.step, metrics, state if ckpt_due else None)
+        validate_and_save(engine, teacher, state, cfg, ctx, start)
 
+    return finish(engine, teacher, progress, cfg, ctx, first_step, start, len(keys))
+
+
+def validate_and_save(engine, teacher, state: TrainState, cfg: Config, ctx: StageContext, start: float) -> None:
+    """After an optimizer step: when due, the ranks agree on one model, validate student and
+    teacher, export the best student, report (with a checkpoint). Every rank calls this."""
+    progress = state.shared["progress"]
+    val_due, ckpt_due = ctx.due(progress.step)
+    if not (val_due or ckpt_due):
+        return
+    ctx.sync_buffers(engine.module, teacher.model)  # every rank validates, exports and saves one model
+    if val_due:
+        val = validate(engine.module, cfg, ctx)
+        val.update({k: v for k, v in validate(teacher.model, cfg, ctx, "teacher").items() if "/iou/" not in k})
+        progress.val = val | {"time/elapsed_s": time.perf_counter() - start}
+        ctx.log(progress.step, progress.val, kind="val")
+        if progress.improved(progress.val["seg/miou"], higher_is_better=True):
+            ctx.export("best", export_payload(engine.module, cfg, progress.step, progress.val))
+    metrics = {k: v for k, v in progress.val.items() if "/iou/" not in k} if val_due else {}
+    ctx.report(progress.step, metrics, state if ckpt_due else None)
+
+
+def finish(engine, teacher, progress: Progress, cfg: Config, ctx: StageContext, first_step: int, start: float,
+           labeled: int) -> StageResult:
+    """The end of a run: the held-out test split, the last export, the summary."""
     wall = time.perf_counter() - start
     test = ctx.test_metrics(lambda split: validate(engine.module, cfg, ctx, split=split))
     ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))
     summary = progress.val | test | {
         "steps": progress.step, "steps_this_run": progress.step - first_step, "wall_time_s": wall,
-        "labeled_samples": len(keys), "teacher/updates": teacher.updates,
+        "labeled_samples": labeled, "teacher/updates": teacher.updates,
     }
     return StageResult(summary=summary, exports=ctx.exports())
