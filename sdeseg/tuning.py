@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -168,22 +169,17 @@ def run_search(search_path: str, out: str | Path, extra: list[str] | None = None
 def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid."""
     rows = []
-    max_steps = spec.max_steps()
     for result in grid:
-        trial_id = Path(result.path).name.split("_")[-2] if result.path else ""
-        history = result.metrics_dataframe
-        steps, values = [], []
-        if history is not None and spec.metric in history and "step" in history:
-            h = history[history[spec.metric].notna()]
-            steps, values = [int(s) for s in h["step"]], [float(v) for v in h[spec.metric]]
-        params = {k: result.config.get(k) for k in [d.key for d in spec.space] + list(spec.groups)}
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id", trial_id)
+        named = re.search(r"_trial_([0-9a-f]+_\d+)_", Path(result.path).name) if result.path else None
+        trial_id = metrics.get("trial_id") or (named.group(1) if named else "")
+        steps, values = metric_history(out / "trials" / str(trial_id), spec.metric, result.metrics_dataframe)
+        params = {k: result.config.get(k) for k in [d.key for d in spec.space] + list(spec.groups)}
         done = int(max(steps, default=0))
         summary_file = out / "trials" / str(trial_id) / "summary.json"
         if result.error is not None:
             status = "error"
-        elif summary_file.exists() or done >= max_steps:
+        elif summary_file.exists():  # written when the run ends; a trial the scheduler stopped never ends
             status = "completed"
         else:
             status = "stopped early"
@@ -194,6 +190,23 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
                      "run_dir": str(out / "trials" / str(trial_id)),
                      "error": str(result.error)[:500] if result.error is not None else None})
     return rows
+
+
+def metric_history(run_dir: Path, metric: str, dataframe=None) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``metric`` at every validation of a trial: from its run's metrics.jsonl
+    (one record per step, also across restarts and a resumed search), else from Tune's results."""
+    log = run_dir / "metrics.jsonl"
+    by_step: dict[int, float] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("kind") == "val" and metric in record:
+                by_step[int(record["step"])] = float(record[metric])
+    elif dataframe is not None and metric in dataframe and "step" in dataframe:
+        # validations only (the run's final report repeats the last one without a step)
+        h = dataframe[dataframe[metric].notna() & dataframe["step"].notna()]
+        by_step = {int(st): float(v) for st, v in zip(h["step"], h[metric])}
+    return sorted(by_step), [by_step[st] for st in sorted(by_step)]
 
 
 def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
