@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/sdeseg demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # Rewrite requirements/lock.txt from what .venv has installed plus the image's resolve (tune/lock.py).
 lock:
