@@ -245,6 +245,61 @@ class SsdaConfig:
 
 
 @dataclass(kw_only=True)
+class SelfTrainConfig:
+    """Training on pseudo-masks (``stage: selftrain``): stages 2 and 3 of the three-stage
+    pipeline (``stage: threestage``, :class:`ThreeStageConfig`), our design in the paper's spirit.
+
+    Unlabeled images get a cross-entropy to their stored pseudo-mask where the pixel's
+    confidence passes its class's threshold (``threshold_quantile`` of that class's
+    confidences over the whole pseudo-mask set, at most ``threshold_max``: every class keeps
+    its most confident pixels, so rare, less confident classes are not drowned by frequent
+    ones), weighted per class by ``share ** -class_weight_power``; two strong views of each
+    image must agree (``view_consistency``), and so must the two segmentation outputs of the
+    multi-task model (``branch_consistency``: after and before the depth exchange).
+    """
+
+    pseudo_root: str | None = None  # derived dataset of pseudo-masks (`sdeseg infer --outputs seg`)
+    threshold_quantile: float = 0.5
+    threshold_max: float = 0.95
+    class_weight_power: float = 0.5
+    class_weight_max: float = 10.0
+    pseudo_weight: float = 1.0
+    view_consistency: float = 1.0  # weight of the two views' agreement (softmax MSE)
+    branch_consistency: float = 0.5  # weight of ("seg", 0) vs ("seg_aux", 0) agreement
+    histogram_bins: int = 100  # confidence histogram per class (the pseudo-mask statistics)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.threshold_quantile < 1.0, "selftrain.threshold_quantile", "must be in [0, 1)")
+        _check(0.0 < self.threshold_max <= 1.0, "selftrain.threshold_max", "must be in (0, 1]")
+        _check(self.class_weight_power >= 0 and self.class_weight_max >= 1, "selftrain.class_weight_power",
+               "class_weight_power must be >= 0 and class_weight_max >= 1")
+        _check(min(self.pseudo_weight, self.view_consistency, self.branch_consistency) >= 0, "selftrain",
+               "loss weights must be >= 0")
+        _check(self.histogram_bins >= 10, "selftrain.histogram_bins", "must be >= 10")
+
+
+@dataclass(kw_only=True)
+class ThreeStageConfig:
+    """The three-stage self-training pipeline (``stage: threestage``, ``sdeseg.pipelines.threestage``):
+    (1) the supervised stage on the labeled keys, then pseudo-masks for the training split;
+    (2) a two-branch model on labels + those masks (``selftrain``), then refined masks;
+    (3) the final two-branch model on labels + the refined masks. Steps are optimizer steps."""
+
+    supervised_steps: int = 400
+    refine_steps: int = 400
+    final_steps: int = 400
+    two_branch: bool = True  # stages 2 and 3 use the multi-task model (segmentation + SDE)
+    infer_actors: int = 0  # pseudo-masks: 0 in the driver's process, N Ray Data actors
+    infer_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(min(self.supervised_steps, self.refine_steps, self.final_steps) >= 1, "threestage",
+               "supervised_steps, refine_steps and final_steps must be >= 1")
+        _check(self.infer_actors >= 0 and self.infer_batch_size >= 1, "threestage.infer_actors",
+               "infer_actors must be >= 0 and infer_batch_size >= 1")
+
+
+@dataclass(kw_only=True)
 class SelectConfig:
     """Automatic data selection (``stage: select``): which training images to label.
 
@@ -390,13 +445,15 @@ class RuntimeConfig:
 class Config:
     """The whole run. ``stage`` picks the training stage."""
 
-    stage: Literal["sde", "semiseg", "select", "ssda"] = "sde"
+    stage: Literal["sde", "semiseg", "select", "ssda", "selftrain", "threestage"] = "sde"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     depth_loss: DepthLossConfig = field(default_factory=DepthLossConfig)
     semiseg: SemisegConfig = field(default_factory=SemisegConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     ssda: SsdaConfig = field(default_factory=SsdaConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    threestage: ThreeStageConfig = field(default_factory=ThreeStageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -411,7 +468,11 @@ class Config:
 
     def loop_steps(self) -> int:
         """The steps a stage's loop makes (progress lines, ETA): ``train.steps``; the selection
-        stage counts its students' optimizer steps and its rounds (``SelectConfig.loop_steps``)."""
+        stage counts its students' optimizer steps and its rounds (``SelectConfig.loop_steps``), the
+        three-stage pipeline its three runs."""
+        if self.stage == "threestage":
+            t = self.threestage
+            return t.supervised_steps + t.refine_steps + t.final_steps
         return self.select.loop_steps() if self.stage == "select" else self.train.steps
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def preflight(cfg: Config) -> Config:
     cfg.select.sde_checkpoint = _absolute(cfg.select.sde_checkpoint)
     cfg.ssda.source_sde_checkpoint = _absolute(cfg.ssda.source_sde_checkpoint)
     cfg.ssda.source_root = _absolute(cfg.ssda.source_root)
+    cfg.selftrain.pseudo_root = _absolute(cfg.selftrain.pseudo_root)
     cfg.model.pretrained = _absolute(cfg.model.pretrained)
     cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
     check_storage(cfg.data.root, "data.root", write=False)  # bucket, credentials, endpoint: one line each
@@ -77,6 +78,9 @@ def preflight(cfg: Config) -> Config:
     if cfg.model.pretrained is None and cfg.model.encoder in ("resnet50", "resnet101"):  # the paper's encoders
         log.warning("model.pretrained is not set: the %s encoder starts from random weights (the paper starts "
                     "from ImageNet weights: set model.pretrained to a torchvision state_dict file)", cfg.model.encoder)
+    if cfg.stage == "threestage":
+        raise ConfigError("stage: threestage is a pipeline of three runs: start it with `sdeseg train` "
+                          "(sdeseg.launch.run_stage), not as one Ray Train run")
     check = getattr(stage_module(cfg.stage), "preflight", None)
     if check is not None:
         check(cfg)
@@ -301,4 +305,25 @@ def _download_results(store: RunStore, run_dir: Path) -> dict[str, Any]:
 
 
 def run_stage(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Run a stage (in this process or on Ray, ``runtime.in_process``), or a pipeline of them
+    (``stage: threestage``)."""
+    if cfg.stage == "threestage":
+        from sdeseg.pipelines.threestage import run_pipeline
+
+        return run_pipeline(cfg, run_dir)
     return run_in_process(cfg, run_dir) if cfg.runtime.in_process else run_on_ray(cfg, run_dir)
+
+
+def finished_run(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run in ``run_dir`` that ended with exactly this config (the one written
+    beside it, after preflight) and all its steps; None when there is no such run."""
+    import yaml
+
+    summary_file, config_file = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary_file.exists() and config_file.exists()):
+        return None
+    resolved = preflight(cfg)
+    if yaml.safe_load(config_file.read_text()) != resolved.to_dict():
+        return None
+    summary = json.loads(summary_file.read_text())
+    return summary if summary.get("steps", -1) >= resolved.loop_steps() else None

@@ -38,7 +38,7 @@ def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str)
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sdeseg.launch import run_on_ray
+    from sdeseg.launch import finished_run, run_on_ray
 
     spec = load_search(search_path, extra)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -55,23 +55,6 @@ def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str)
         ray.tune.report({k: v for k, v in done.items() if isinstance(v, (int, float))} | {"step": done["steps"]})
         return
     run_on_ray(cfg, run_dir, callbacks=[TuneReportCallback()])
-
-
-def finished_run(cfg, run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run in ``run_dir`` that ended with exactly this config (the one written
-    beside it, after preflight) and all its steps; None when there is no such run."""
-    import yaml
-
-    from sdeseg.launch import preflight
-
-    summary_file, config_file = run_dir / "summary.json", run_dir / "config.yaml"
-    if not (summary_file.exists() and config_file.exists()):
-        return None
-    resolved = preflight(cfg)
-    if yaml.safe_load(config_file.read_text()) != resolved.to_dict():
-        return None
-    summary = json.loads(summary_file.read_text())
-    return summary if summary.get("steps", -1) >= resolved.loop_steps else None
 
 
 def _param_space(spec: SearchSpec) -> dict[str, Any]:

@@ -27,6 +27,15 @@ def synthetic_root(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def sde_export(synthetic_root, tmp_path_factory) -> str:
+    """The last export of a 2-step SDE run on ``synthetic_root`` (in-process)."""
+    from sdeseg.launch import run_in_process
+
+    run_dir = tmp_path_factory.mktemp("sde_export")
+    return run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)["exports"]["last"]
+
+
 def tiny_config(preset: str, root: str, *overrides: str):
     from sdeseg.config import load_config
 

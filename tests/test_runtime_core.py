@@ -15,12 +15,6 @@ from sdeseg.optim import lr_factor
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def sde_export(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sde")
-    return run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)["exports"]["last"]
-
-
 def _seg(root, export, *extra):
     return tiny_config("demo_semiseg", root, f"semiseg.sde_checkpoint={export}", "data.num_labeled=4", *extra)
 

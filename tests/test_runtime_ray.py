@@ -25,14 +25,6 @@ def ray_cluster():
     os.environ.pop(FAULT_ENV, None)
 
 
-@pytest.fixture(scope="module")
-def sde_export(synthetic_root, tmp_path_factory):
-    from sdeseg.launch import run_in_process
-
-    run_dir = tmp_path_factory.mktemp("sde_export")
-    return run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)["exports"]["last"]
-
-
 def _two_workers(*extra):
     return ["runtime.in_process=false", "runtime.num_workers=2", "runtime.zero_stage=2", "runtime.max_failures=1",
             "train.steps=8", "train.ckpt_every=2", "train.val_every=4", *extra]

@@ -19,12 +19,6 @@ from tests.conftest import TINY, tiny_config
 BUDGETS = "select.budgets=[2,4,7]"
 
 
-@pytest.fixture(scope="module")
-def sde_export(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sde")
-    return run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)["exports"]["last"]
-
-
 def _select(root, export, *extra):
     return tiny_config("demo_select", root, f"select.sde_checkpoint={export}", BUDGETS, "select.student_steps=[3,4]",
                        "train.ckpt_every=2", *extra)

@@ -11,13 +11,6 @@ from sdeseg.launch import run_in_process
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def sde_export(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sde")
-    summary = run_in_process(tiny_config("demo_sde", synthetic_root, "train.steps=2"), run_dir)
-    return summary["exports"]["last"]
-
-
 def _seg(root, export, *extra):
     return tiny_config("demo_semiseg", root, f"semiseg.sde_checkpoint={export}", "data.num_labeled=4",
                        "train.ckpt_every=3", "train.log_keys=true", "optim.schedule=constant", *extra)

@@ -349,7 +349,7 @@ def augment_sample(
 
     Returns ``{"key", "images": {fid: (3,h,w) uint8}, "images_aug": {fid: (3,h,w) uint8} | None
     (None: no jitter), "K": (3,3), "label": (h,w) int64 | None, "depth": (1,h,w) | None,
-    "T": {fid: (4,4)}}`` (K, depth, T float32).
+    "T": {fid: (4,4)}, "geometry": (5,) int64 = (y0, x0, h, w, flip)}`` (K, depth, T float32).
     """
     h, w = sample["frames"][0].shape[:2]
     geo = draw_geometric(h, w, crop, augment, rng)
@@ -371,4 +371,19 @@ def augment_sample(
         "label": None if label is None else torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
         "depth": None if depth is None else _tensor(depth).float().unsqueeze(0),
         "T": {fid: torch.from_numpy(t).float() for fid, t in out["T"].items() if fid in frames},
+        "geometry": torch.tensor([geo.y0, geo.x0, geo.height, geo.width, int(geo.flip)], dtype=torch.int64),
     }
+
+
+def apply_geometry(maps: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+    """Crop and flip per-sample maps of the full images as a batch's samples were.
+
+    ``maps`` (B,...,H,W) at the source images' size (e.g. a derived dataset's pseudo-labels
+    joined by ``batch.keys``); ``geometry`` (B,5) int64 rows ``(y0, x0, h, w, flip)``
+    (``Batch.geometry``). Returns (B,...,h,w), aligned pixel for pixel with the batch's images.
+    """
+    out = []
+    for m, (y0, x0, h, w, flip) in zip(maps, geometry.tolist()):
+        m = m[..., y0:y0 + h, x0:x0 + w]
+        out.append(m.flip(-1) if flip else m)
+    return torch.stack(out)

@@ -20,6 +20,8 @@ class Batch:
         (samples without one are all-255).
     depth: (B,1,H,W) float32 ground-truth depth in metres, 0 = invalid; None when absent.
     T: frame id -> (B,4,4) ground-truth transform from frame 0's camera to that frame's; None when absent.
+    geometry: (B,5) int64 ``(y0, x0, h, w, flip)`` of each sample's crop and flip in its source
+        image (``sdeseg.data.augment.apply_geometry`` aligns maps of the full image with it).
     """
 
     keys: list[str]
@@ -30,6 +32,7 @@ class Batch:
     label: torch.Tensor | None = None
     depth: torch.Tensor | None = None
     T: dict[int, torch.Tensor] | None = None
+    geometry: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,13 @@ class DerivedDataset:
             for _, members in scan_shard(self.root, shard, self.index.shard_keys[shard], positions):
                 out[members["__key__"]] = {n: decode_member(n, d) for n, d in members.items() if n != "__key__"}
         return {k: out[k] for k in keys}
+
+    def samples(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Every ``(key, {member name: array})`` of the dataset, shard by shard (one pass, one
+        sample in memory at a time)."""
+        for shard, keys in self.index.shard_keys.items():
+            for _, members in scan_shard(self.root, shard, keys, range(len(keys))):
+                yield members["__key__"], {n: decode_member(n, d) for n, d in members.items() if n != "__key__"}
 
     def join(self, keys: Iterable[str], member: str) -> torch.Tensor:
         """One member of ``keys`` stacked along a new batch dimension, e.g. ``join(batch.keys,

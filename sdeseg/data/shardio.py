@@ -267,7 +267,8 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
     Shapes: images/images_aug {fid: (B,3,H,W)} float32 in [0,1] (uint8 with ``as_float=False``;
     see :func:`batch_to_float`), K/inv_K (B,3,3), label (B,H,W) int64 with 255 for unlabeled
     samples (None when no sample has one), depth (B,1,H,W) with 0 where a sample has none
-    (None when none has), T {fid: (B,4,4)} only when every sample has it.
+    (None when none has), T {fid: (B,4,4)} only when every sample has it, geometry (B,5) the
+    crop and flip of each sample (``augment.apply_geometry``) when every sample records it.
     """
     images = {fid: torch.stack([s["images"][fid] for s in samples]) for fid in frames}
     if all(s["images_aug"] is None for s in samples):
@@ -292,9 +293,12 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
     neighbours = [fid for fid in frames if fid != 0]
     if neighbours and all(fid in s["T"] for s in samples for fid in neighbours):
         T = {fid: torch.stack([s["T"][fid] for s in samples]) for fid in neighbours}
+    geometry = None
+    if all("geometry" in s for s in samples):
+        geometry = torch.stack([s["geometry"] for s in samples])
     batch = Batch(
         keys=[s["key"] for s in samples], images=images, images_aug=images_aug, K=K, inv_K=inv_K,
-        label=label, depth=depth, T=T,
+        label=label, depth=depth, T=T, geometry=geometry,
     )
     return batch_to_float(batch) if as_float else batch
 

@@ -11,6 +11,7 @@ STAGES = {
     "semiseg": "sdeseg.stages.semiseg",
     "select": "sdeseg.stages.select",
     "ssda": "sdeseg.stages.ssda",
+    "selftrain": "sdeseg.stages.selftrain",
 }
 
 

@@ -258,15 +258,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
 def validate_and_save(engine, teacher, state: TrainState, cfg: Config, ctx: StageContext, start: float) -> None:
     """After an optimizer step: when due, the ranks agree on one model, validate student and
-    teacher, export the best student, report (with a checkpoint). Every rank calls this."""
+    teacher (a stage without an EMA teacher passes None), export the best student, report (with
+    a checkpoint). Every rank calls this."""
     progress = state.shared["progress"]
     val_due, ckpt_due = ctx.due(progress.step)
     if not (val_due or ckpt_due):
         return
-    ctx.sync_buffers(engine.module, teacher.model)  # every rank validates, exports and saves one model
+    ctx.sync_buffers(engine.module, *([teacher.model] if teacher else []))  # one model on every rank
     if val_due:
         val = validate(engine.module, cfg, ctx)
-        val.update({k: v for k, v in validate(teacher.model, cfg, ctx, "teacher").items() if "/iou/" not in k})
+        if teacher is not None:
+            val.update({k: v for k, v in validate(teacher.model, cfg, ctx, "teacher").items() if "/iou/" not in k})
         progress.val = val | {"time/elapsed_s": time.perf_counter() - start}
         ctx.log(progress.step, progress.val, kind="val")
         if progress.improved(progress.val["seg/miou"], higher_is_better=True):
@@ -283,6 +285,6 @@ def finish(engine, teacher, progress: Progress, cfg: Config, ctx: StageContext, 
     ctx.export("last", export_payload(engine.module, cfg, progress.step, progress.val))
     summary = progress.val | test | {
         "steps": progress.step, "steps_this_run": progress.step - first_step, "wall_time_s": wall,
-        "labeled_samples": labeled, "teacher/updates": teacher.updates,
-    }
+        "labeled_samples": labeled,
+    } | ({"teacher/updates": teacher.updates} if teacher is not None else {})
     return StageResult(summary=summary, exports=ctx.exports())
