@@ -6,11 +6,14 @@ Layout under ``--root`` (the folders of the official zip files)::
         30-frame snippets; the annotated frame is the 20th (index 19)
     leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png      the annotated frames
     gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png       official label ids
+    gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_instanceIds.png    instances (optional)
     camera/{split}/{city}/{city}_{seq}_{frame}_camera.json              {"intrinsic": {fx, fy, u0, v0}}
 
 ``--frames labeled`` writes one sample per annotated frame: the frame, its neighbours
 t-1 and t+1 from the sequences (none when ``leftImg8bit_sequence/{split}`` is absent),
-the label mapped to the 19 train ids with the official tables (255 = ignore) and K.
+the label mapped to the 19 train ids with the official tables (255 = ignore) and K;
+where ``gtFine_instanceIds`` exists, also ``instance.png``: those ids as they are (label id
+x 1000 + index on thing instances, the label id elsewhere), resized like the label.
 ``--frames all`` writes every sequence frame that has both neighbours, unlabeled, for
 depth pretraining; its K comes from the camera file of the snippet's annotated frame.
 Frames are resized once here (area for images, nearest for labels) and K is scaled to
@@ -27,6 +30,7 @@ from functools import lru_cache
 
 import fsspec
 import numpy as np
+from PIL import Image
 
 from data_prep.shards import (
     Job,
@@ -45,7 +49,12 @@ from data_prep.shards import (
     size_arg,
 )
 from sdeseg.camera import scale_intrinsics
-from sdeseg.data.classes import label_ids_to_train_ids
+from sdeseg.data.classes import (
+    INSTANCE_DIVISOR,
+    instance_label_ids,
+    known_label_ids,
+    label_ids_to_train_ids,
+)
 from sdeseg.data.codec import encode_sample, make_key
 from sdeseg.data.manifest import join
 
@@ -56,6 +65,7 @@ LABEL_DIR = "gtFine"
 CAMERA_DIR = "camera"
 IMAGE_SUFFIX = "leftImg8bit.png"
 LABEL_SUFFIX = "gtFine_labelIds.png"
+INSTANCE_SUFFIX = "gtFine_instanceIds.png"
 CAMERA_SUFFIX = "camera.json"
 SNIPPET_LENGTH = 30
 ANNOTATED_INDEX = 19  # the annotated frame is the 20th of its 30-frame snippet
@@ -79,6 +89,7 @@ class CityscapesFrame:
     camera: str | None  # None: no camera file found for this sequence
     size: tuple[int, int]
     image_format: str
+    instance: str | None = None  # None: no gtFine_instanceIds for this frame
 
 
 def frame_name(fid: FrameId) -> str:
@@ -154,6 +165,7 @@ def list_jobs(
         if frames == "labeled":
             images = _list(fs, root, IMAGE_DIR, split, IMAGE_SUFFIX)
             labels = _list(fs, root, LABEL_DIR, split, LABEL_SUFFIX)
+            instances = _list(fs, root, LABEL_DIR, split, INSTANCE_SUFFIX)
             ids = sorted(set(images) | set(labels))
             if not ids:
                 raise PrepError(
@@ -177,8 +189,9 @@ def list_jobs(
                 cur = images.get(fid) or seqs.get(fid) or rel_path(IMAGE_DIR, split, fid, IMAGE_SUFFIX)
                 label = labels.get(fid) or rel_path(LABEL_DIR, split, fid, LABEL_SUFFIX)
                 camera = cameras.get(fid) or rel_path(CAMERA_DIR, split, fid, CAMERA_SUFFIX)
+                instance = instances.get(fid)  # optional: absent files are not an error
             else:
-                cur, label, camera = seqs[fid], None, _camera_for(fid, cameras)
+                cur, label, camera, instance = seqs[fid], None, _camera_for(fid, cameras), None
             payload = CityscapesFrame(
                 root=abs_root,
                 cur=cur,
@@ -188,6 +201,7 @@ def list_jobs(
                 camera=camera,
                 size=tuple(size),
                 image_format=image_format,
+                instance=instance,
             )
             name = frame_name(fid)
             source = {"id": name, "city": city, "sequence": seq, "frame": frame}
@@ -222,6 +236,27 @@ def _frame(root_url: str, rel: str, size: tuple[int, int]) -> tuple[np.ndarray, 
     return resize_rgb(img, size), (img.height, img.width)
 
 
+def instance_ids_of(img: Image.Image, rel: str) -> np.ndarray:
+    """Cityscapes instanceIds of a 16-bit (or 8-bit) grayscale PNG as (H,W) uint16.
+
+    Raises SkipSample for colour images and for ids that are neither a Cityscapes label id
+    nor ``label id * 1000 + index`` of a class with instances.
+    """
+    if img.mode not in ("I;16", "I", "L"):
+        raise SkipSample(f"instance map {rel} has mode {img.mode}, expected a one-channel image of instance ids")
+    ids = np.asarray(img).astype(np.int64)
+    values = np.unique(ids)
+    plain, inst = values[values < INSTANCE_DIVISOR], values[values >= INSTANCE_DIVISOR]
+    bad = np.concatenate([
+        np.setdiff1d(plain, known_label_ids()),
+        inst[~np.isin(inst // INSTANCE_DIVISOR, instance_label_ids())],
+    ])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (" ..." if bad.size > 8 else "")
+        raise SkipSample(f"instance map {rel} has ids {shown} that are not Cityscapes instanceIds")
+    return ids.astype(np.uint16)
+
+
 def convert(job: Job) -> dict:
     """One job -> encoded sample members; SkipSample (with the file and reason) for bad inputs."""
     p: CityscapesFrame = job.payload
@@ -250,6 +285,15 @@ def convert(job: Job) -> dict:
                 f"label {p.label} is {ids.shape[1]}x{ids.shape[0]}, image {p.cur} is {src_hw[1]}x{src_hw[0]}"
             )
         label = resize_label(label_ids_to_train_ids(ids), p.size)
+    instance = None
+    if p.instance is not None:
+        inst = instance_ids_of(read_image(fs, root, p.instance, "instance map"), p.instance)
+        if inst.shape != src_hw:
+            raise SkipSample(
+                f"instance map {p.instance} is {inst.shape[1]}x{inst.shape[0]}, image {p.cur} is "
+                f"{src_hw[1]}x{src_hw[0]}"
+            )
+        instance = resize_label(inst, p.size)  # the same nearest-neighbour grid as the label
     meta = {
         "K": scale_intrinsics(K_src, src_hw, p.size),
         "domain": DOMAIN,
@@ -258,7 +302,7 @@ def convert(job: Job) -> dict:
         "source_size": list(src_hw),
         "camera": p.camera,
     }
-    return encode_sample(job.key, frames, meta, label=label, image_format=p.image_format)
+    return encode_sample(job.key, frames, meta, label=label, image_format=p.image_format, instance=instance)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = {"converter": DOMAIN, "frames": args.frames, "size": list(args.size)}
+    if args.frames == "labeled":  # shards converted before instance maps were read lack them
+        settings["members"] = ["instance.png"]
     return run_conversion(
         args,
         lambda: list_jobs(args.root, args.splits, args.frames, args.size, args.image_format),

@@ -650,7 +650,7 @@ def resize_rgb(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H,W) uint8 ids -> ``size`` with nearest neighbour (ids must never be averaged)."""
+    """(H,W) uint8 or uint16 ids -> ``size`` with nearest neighbour (ids must never be averaged)."""
     h, w = size
     if label.shape == (h, w):
         return label

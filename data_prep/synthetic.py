@@ -2,7 +2,8 @@
 
 Every sample is a frame triplet (t-1, t, t+1) of a randomly generated street, ray
 cast from analytic primitives (see ``data_prep.synth``), with exact ground truth:
-Cityscapes train-id labels, metric z-depth of frame t (0 on sky), the pinhole K
+Cityscapes train-id labels, the thing objects' Cityscapes instanceIds (``instance.png``,
+16 bit), metric z-depth of frame t (0 on sky), the pinhole K
 (pixel-centre convention) and the ego-motion T_prev / T_next in the convention of
 ``sdeseg.ops.inverse_warp``. Two styles give two domains: ``city`` (target,
 domain ``synth-city``) and ``game`` (a synthetic source, ``synth-game``).
@@ -29,6 +30,7 @@ from sdeseg.data.codec import encode_sample, make_key
 SPLITS = ("train", "val", "test")
 GENERATOR = "sdeseg-synthetic-v1"  # recorded in every sample's source ids
 MIN_SIDE = 8  # smaller images leave no room for the street's primitives
+MEMBERS = ["instance.png"]  # optional members beyond frames, label, depth and json
 
 
 def sample_key(style: str, split: str, seed: int, index: int) -> str:
@@ -72,7 +74,9 @@ def convert(job: Job) -> dict:
         "generator": GENERATOR,
         "camera_height": s["info"]["camera_height"],
     }
-    return encode_sample(job.key, s["frames"], meta, label=s["label"], depth=s["depth"], image_format="png")
+    return encode_sample(
+        job.key, s["frames"], meta, label=s["label"], depth=s["depth"], image_format="png", instance=s["instance"]
+    )
 
 
 def generate(
@@ -121,8 +125,9 @@ def generate(
         progress=progress,
         extra_report=extra,
         max_skip_fraction=0.0,
-        # a re-run with another size/style/seed must not resume these shards
-        settings={k: extra["generator"][k] for k in ("name", "style", "seed", "size")},
+        # a re-run with another size/style/seed must not resume these shards, nor shards written
+        # before the instance maps (they lack the member)
+        settings={**{k: extra["generator"][k] for k in ("name", "style", "seed", "size")}, "members": MEMBERS},
     )
 
 

@@ -1,10 +1,24 @@
-"""Segmentation and depth metrics (plain PyTorch)."""
+"""Segmentation, depth and instance metrics (plain PyTorch; mask AP through pycocotools)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+from collections.abc import Mapping
 
+import numpy as np
 import torch
+
+from sdeseg.data.classes import (
+    IGNORE_INDEX,
+    INSTANCE_DIVISOR,
+    class_names,
+    instance_ids_to_label_ids,
+    label_ids_to_train_ids,
+    thing_train_ids,
+    train_ids_to_label_ids,
+)
 
 
 class SegmentationMetric:
@@ -137,3 +151,227 @@ class DepthMetric:
         if n == 0:
             return dict.fromkeys(DEPTH_KEYS, math.nan)
         return {k: float(v) / n for k, v in zip(DEPTH_KEYS, self.sums[:-1])}
+
+
+# ----------------------------------------------------------------------------- instances
+
+
+def _as_numpy_ids(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64)
+
+
+def _segment_classes(ids: np.ndarray) -> np.ndarray:
+    """Train id (255 = void) of each instanceIds value in ``ids`` (any shape)."""
+    return label_ids_to_train_ids(instance_ids_to_label_ids(ids).clip(0, 255)).astype(np.int64)
+
+
+class MaskAP:
+    """COCO mask AP (IoU 0.50:0.95) and AP50 of the thing classes, by pycocotools' ``COCOeval``.
+
+    Each update converts one image's instance maps (Cityscapes instanceIds) to COCO
+    annotations with RLE masks: a ground-truth instance (id >= 1000 of a class with a train
+    id) is an annotation, a thing region without an instance (a Cityscapes group, plain label
+    id) a crowd annotation -- detections on it are neither true nor false positives, as in
+    COCO; each predicted instance is a result with its confidence as ``score``. Categories are
+    the Cityscapes label ids of the 8 thing train classes. ``compute`` runs the library's
+    evaluation (all areas, ``max_dets`` detections per image); classes absent from the ground
+    truth are left out of the mean, as COCO does.
+    """
+
+    def __init__(self, max_dets: int = 100):
+        self.max_dets = max_dets
+        self.images: list[dict] = []  # {"height", "width", "gt": [ann], "dt": [result]}
+
+    def update(
+        self,
+        pred: torch.Tensor | np.ndarray,
+        scores: Mapping[int, float],
+        target: torch.Tensor | np.ndarray,
+    ) -> None:
+        """One image: ``pred``, ``target`` (H,W) instanceIds; ``scores`` predicted instance id ->
+        confidence (every predicted thing instance needs one, e.g. from
+        :func:`sdeseg.panoptic.group_instances`)."""
+        from pycocotools import mask as mask_utils
+
+        pred, target = _as_numpy_ids(pred), _as_numpy_ids(target)
+        if pred.shape != target.shape or pred.ndim != 2:
+            raise ValueError(f"MaskAP: pred and target must be equal (H,W), got {pred.shape}, {target.shape}")
+        things = set(thing_train_ids())
+
+        def rle(mask: np.ndarray) -> dict:
+            return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+        gt, dt = [], []
+        for value in np.unique(target).tolist():
+            cls = int(_segment_classes(np.array(value)))
+            if cls not in things:
+                continue
+            m = rle(target == value)
+            cat = int(instance_ids_to_label_ids(np.array(value)))
+            gt.append({"category_id": cat, "segmentation": m, "area": float(mask_utils.area(m)),
+                       "bbox": mask_utils.toBbox(m).tolist(), "iscrowd": int(value < INSTANCE_DIVISOR)})
+        for value in np.unique(pred).tolist():
+            if value < INSTANCE_DIVISOR or int(_segment_classes(np.array(value))) not in things:
+                continue
+            if value not in scores:
+                raise ValueError(f"MaskAP: predicted instance {value} has no score")
+            # no "bbox" key: loadRes would take the results for boxes
+            dt.append({"category_id": value // INSTANCE_DIVISOR, "segmentation": rle(pred == value),
+                       "score": float(scores[value])})
+        self.images.append({"height": int(pred.shape[0]), "width": int(pred.shape[1]), "gt": gt, "dt": dt})
+
+    def state(self) -> list[dict]:
+        """The per-image annotations so far (gather them across ranks, then :meth:`merge`)."""
+        return list(self.images)
+
+    def merge(self, images: list[dict]) -> None:
+        self.images.extend(images)
+
+    def reset(self) -> None:
+        self.images = []
+
+    def compute(self) -> dict:
+        """``{"ap", "ap50", "ap_class": {class name: AP}}``; NaN where no ground truth exists."""
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        names = class_names()
+        cats = [{"id": int(train_ids_to_label_ids(np.array(c))), "name": names[c]} for c in thing_train_ids()]
+        images, gts, dts = [], [], []
+        for i, im in enumerate(self.images, start=1):
+            images.append({"id": i, "height": im["height"], "width": im["width"]})
+            gts += [{**a, "image_id": i, "id": len(gts) + k + 1} for k, a in enumerate(im["gt"])]
+            dts += [{**a, "image_id": i} for a in im["dt"]]
+        nan = {"ap": math.nan, "ap50": math.nan, "ap_class": {c["name"]: math.nan for c in cats}}
+        if not gts:
+            return nan
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints its progress
+            coco_gt = COCO()
+            coco_gt.dataset = {"images": images, "categories": cats, "annotations": gts}
+            coco_gt.createIndex()
+            if dts:
+                coco_dt = coco_gt.loadRes(dts)
+            else:  # loadRes cannot take an empty list; an empty result set scores 0, not NaN
+                coco_dt = COCO()
+                coco_dt.dataset = {"images": images, "categories": cats, "annotations": []}
+                coco_dt.createIndex()
+            ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+            ev.params.maxDets = [1, 10, self.max_dets]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        precision = ev.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, category) at area "all"
+        name_of = {c["id"]: c["name"] for c in cats}
+        per_class = {}
+        for k, c in enumerate(ev.params.catIds):
+            p = precision[:, :, k]
+            per_class[name_of[c]] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
+        ap, ap50 = (float(v) if v > -1 else math.nan for v in ev.stats[:2])
+        return {"ap": ap, "ap50": ap50, "ap_class": per_class}
+
+
+class PanopticQuality:
+    """Panoptic quality (Kirillov et al., CVPR 2019) over the train classes, from instanceIds maps.
+
+    Segments: every instance (id >= 1000) and, per class, the pixels with that class's plain
+    label id (a stuff region, or a thing region without an instance). Void: pixels whose
+    class has no train id. As in the COCO panoptic evaluation (``panopticapi``): a prediction
+    and a ground-truth segment of the same class match when their IoU exceeds 0.5, with the
+    prediction's void pixels left out of the union; unmatched ground-truth segments are false
+    negatives (thing regions without an instance are crowd: never counted); an unmatched
+    prediction is a false positive unless more than half of it lies on void or on a crowd
+    region of its class. Per class ``PQ = sum IoU(TP) / (TP + FP/2 + FN/2) = SQ * RQ``;
+    ``pq`` averages the classes with any TP, FP or FN, ``pq_th`` / ``pq_st`` the things / stuff.
+
+    Ours: pycocotools has no PQ and the reference ``panopticapi`` is not packaged, so this is
+    our implementation of its rules; the state is a (num_classes, 4) float64 tensor (IoU sum,
+    TP, FP, FN) that can be all-reduced.
+    """
+
+    def __init__(self, num_classes: int = 19):
+        self.num_classes = num_classes
+        self.stats = torch.zeros(num_classes, 4, dtype=torch.float64)
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """pred, target: (H,W) or (B,H,W) Cityscapes instanceIds of equal shape."""
+        pred, target = _as_numpy_ids(pred), _as_numpy_ids(target)
+        if pred.shape != target.shape or pred.ndim not in (2, 3):
+            raise ValueError(f"PanopticQuality: pred and target must be equal (H,W) or (B,H,W), got "
+                             f"{pred.shape}, {target.shape}")
+        for p, t in zip(pred.reshape(-1, *pred.shape[-2:]), target.reshape(-1, *target.shape[-2:])):
+            self._update_one(p.reshape(-1), t.reshape(-1))
+
+    def _update_one(self, pred: np.ndarray, target: np.ndarray) -> None:
+        things = set(thing_train_ids())
+        gt_cls, pr_cls = _segment_classes(target), _segment_classes(pred)
+        if (pr_cls[pr_cls != IGNORE_INDEX] >= self.num_classes).any():
+            raise ValueError(f"PanopticQuality: prediction has classes outside [0, {self.num_classes})")
+        gt_void, pr_void = gt_cls == IGNORE_INDEX, pr_cls == IGNORE_INDEX
+        gt_ids, gt_area = np.unique(target[~gt_void], return_counts=True)
+        pr_ids, pr_area = np.unique(pred[~pr_void], return_counts=True)
+        gt_area, pr_area = dict(zip(gt_ids.tolist(), gt_area.tolist())), dict(zip(pr_ids.tolist(), pr_area.tolist()))
+        cls_of = lambda v: int(_segment_classes(np.array(v)))  # noqa: E731
+        crowd = {g for g in gt_area if g < INSTANCE_DIVISOR and cls_of(g) in things}
+        # pixel counts of (gt segment, predicted segment); gt -1 = void
+        gt_key = np.where(gt_void, -1, target)
+        pairs, counts = np.unique(np.stack([gt_key[~pr_void], pred[~pr_void]]), axis=1, return_counts=True)
+        inter = {(int(g), int(p)): int(n) for (g, p), n in zip(pairs.T, counts)}
+        void_inter = {p: n for (g, p), n in inter.items() if g == -1}
+        matched_gt, matched_pr = set(), set()
+        for (g, p), n in inter.items():
+            if g == -1 or g in crowd or cls_of(g) != cls_of(p):
+                continue
+            union = pr_area[p] + gt_area[g] - n - void_inter.get(p, 0)
+            iou = n / union
+            if iou > 0.5:
+                c = cls_of(g)
+                self.stats[c, 0] += iou
+                self.stats[c, 1] += 1
+                matched_gt.add(g)
+                matched_pr.add(p)
+        for g in gt_area:
+            if g not in matched_gt and g not in crowd:
+                self.stats[cls_of(g), 3] += 1
+        crowd_of_class = {cls_of(g): g for g in crowd}
+        for p, area in pr_area.items():
+            if p in matched_pr:
+                continue
+            c = cls_of(p)
+            ignored = void_inter.get(p, 0) + (inter.get((crowd_of_class[c], p), 0) if c in crowd_of_class else 0)
+            if ignored > 0.5 * area:
+                continue
+            self.stats[c, 2] += 1
+
+    def state(self) -> torch.Tensor:
+        return self.stats.clone()
+
+    def merge(self, state: torch.Tensor) -> None:
+        self.stats += state.to("cpu", torch.float64)
+
+    def reset(self) -> None:
+        self.stats.zero_()
+
+    def compute(self) -> dict:
+        """``{"pq", "sq", "rq", "pq_th", "pq_st", "pq_class": list}`` (NaN where no class counts)."""
+        iou, tp, fp, fn = self.stats.unbind(1)
+        denom = tp + 0.5 * fp + 0.5 * fn
+        valid = denom > 0
+        pq = torch.where(valid, iou / denom.clamp(min=1e-12), torch.full_like(iou, math.nan))
+        sq = torch.where(tp > 0, iou / tp.clamp(min=1), torch.zeros_like(iou))
+        rq = torch.where(valid, tp / denom.clamp(min=1e-12), torch.zeros_like(iou))
+        thing = torch.zeros(self.num_classes, dtype=torch.bool)
+        thing[[c for c in thing_train_ids() if c < self.num_classes]] = True
+
+        def mean(x: torch.Tensor, keep: torch.Tensor) -> float:
+            keep = keep & valid
+            return float(x[keep].mean()) if keep.any() else math.nan
+
+        every = torch.ones_like(thing)
+        return {
+            "pq": mean(pq, every),
+            "sq": mean(sq, every),
+            "rq": mean(rq, every),
+            "pq_th": mean(pq, thing),
+            "pq_st": mean(pq, ~thing),
+            "pq_class": [float(v) for v in pq],
+        }

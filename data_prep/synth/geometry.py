@@ -42,6 +42,7 @@ class Scene:
     velocity: np.ndarray  # (P,3) world translation per frame
     cls: np.ndarray  # (P,) uint8 Cityscapes train id
     moving: np.ndarray  # (P,) bool: not static scene geometry
+    instance: np.ndarray  # (P,) int32 object the primitive belongs to (0: stuff, no object)
     caster: np.ndarray  # (P,) bool: casts sun shadows (static objects only)
     color: np.ndarray  # (P,3) float32 linear albedo
     pattern: np.ndarray  # (P,) int16 shading pattern id

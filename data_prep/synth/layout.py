@@ -17,7 +17,10 @@ statistics vary from image to image like in real data.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,7 @@ CAR_RANGE = 130.0  # vehicles up to this distance
 # class ids (Cityscapes train ids); the canonical names live in sdeseg.data.classes
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN = range(10)
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
+THINGS = frozenset(range(PERSON, BICYCLE + 1))  # classes whose objects are instances
 
 
 def yaw(a: float) -> np.ndarray:
@@ -70,6 +74,21 @@ def srgb_to_linear(c) -> np.ndarray:
     return (np.asarray(c, dtype=np.float64) / 255.0) ** 2.2
 
 
+def one_object(method):
+    """Decorator: every primitive a composite adds (a car's body, cabin and wheels) is one object.
+
+    A composite called inside another (the rider of a bicycle) is an object of its own, as in
+    Cityscapes, where a rider and their bicycle are two instances.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.new_object():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Ego:
     """Ego-motion of the camera around frame t (world units)."""
@@ -87,6 +106,23 @@ class SceneBuilder:
         self.rng = rng
         self.style = style
         self.rows: list[dict] = []
+        self.objects = 0  # objects (instances) so far; ids start at 1
+        self._object = 0  # the object primitives of a thing class join now (0: none open)
+
+    @contextmanager
+    def new_object(self) -> Iterator[int]:
+        """Primitives of thing classes added inside the block belong to one new object.
+
+        Object ids only number instances; they draw nothing from ``rng``, so opening objects
+        leaves every sampled value (and so every rendered pixel) as it was.
+        """
+        outer = self._object
+        self.objects += 1
+        self._object = self.objects
+        try:
+            yield self._object
+        finally:
+            self._object = outer
 
     def color(self, palette: tuple[RGB, ...] | RGB, jitter: float = 0.06) -> np.ndarray:
         """One palette entry with a small per-object brightness / hue jitter (sRGB 0..255)."""
@@ -113,6 +149,11 @@ class SceneBuilder:
     ) -> int:
         """Add one primitive (see :class:`Scene` for the meaning of the fields); returns its index."""
         moving = bool(np.any(np.asarray(velocity) != 0))
+        instance = 0
+        if cls in THINGS:
+            if not self._object:  # a lone thing primitive is an object by itself
+                self.objects += 1
+            instance = self._object or self.objects
         p = np.zeros(M.NUM_PARAMS)
         p[: len(params)] = params
         self.rows.append(
@@ -124,6 +165,7 @@ class SceneBuilder:
                 velocity=np.asarray(velocity, float),
                 cls=cls,
                 moving=moving,
+                instance=instance,
                 caster=caster and not moving,
                 color=srgb_to_linear(color),
                 pattern=pattern,
@@ -154,6 +196,7 @@ class SceneBuilder:
             velocity=col("velocity", np.float64),
             cls=col("cls", np.uint8),
             moving=col("moving", bool),
+            instance=col("instance", np.int32),
             caster=col("caster", bool),
             color=col("color", np.float32),
             pattern=col("pattern", np.int16),
@@ -172,6 +215,7 @@ class SceneBuilder:
         center = np.asarray(origin, float) + r @ np.asarray(offset, float)
         return self.add(kind, center, size, cls, color, rot=r if rot is None else r @ rot, velocity=velocity, **kw)
 
+    @one_object
     def car(self, x, z, heading, velocity=(0, 0, 0), kind="car"):
         """A car (or a van when ``kind == 'van'``): body, greenhouse and two axles."""
         rng, st = self.rng, self.style
@@ -227,6 +271,7 @@ class SceneBuilder:
                       rot=AXLE, pattern=M.WHEEL, wavelength=wavelength, amp=0.05, params=(radius,),
                       velocity=velocity)
 
+    @one_object
     def truck(self, x, z, heading, velocity=(0, 0, 0)):
         """A box truck: cab, cargo box and three axles."""
         rng, st = self.rng, self.style
@@ -272,6 +317,7 @@ class SceneBuilder:
         self.wheels(o, heading, TRUCK, radius, width / 2 + 0.02, axles, velocity)
         return length
 
+    @one_object
     def bus(self, x, z, heading, velocity=(0, 0, 0), tram=False):
         """A city bus (or a tram: longer, labelled train, no visible wheels)."""
         rng, st = self.rng, self.style
@@ -302,6 +348,7 @@ class SceneBuilder:
             self.wheels(o, heading, cls, radius, width / 2 + 0.02, (length / 2 - 2.6, -length / 2 + 3.2), velocity)
         return length
 
+    @one_object
     def person(self, x, z, heading, velocity=(0, 0, 0), cls=PERSON, seated=False, y0=0.0):
         """A pedestrian (legs, torso, arms, head), or a seated rider when ``seated``."""
         rng, st = self.rng, self.style
@@ -355,6 +402,7 @@ class SceneBuilder:
         head = (0.0, torso_c[1] + 0.43 * s, torso_c[2] + 0.2 * s * lean)
         self.part(ELLIPSOID, o, heading, head, (0.095 * s, 0.12 * s, 0.105 * s), cls, skin, **kw)
 
+    @one_object
     def bicycle(self, x, z, heading, velocity=(0, 0, 0), rider=False):
         """A bicycle (two thin wheels, frame, handlebar), optionally with a rider."""
         st = self.style
@@ -368,6 +416,7 @@ class SceneBuilder:
         if rider:
             self.person(x, z, heading, velocity=velocity, cls=RIDER, seated=True, y0=0.0)
 
+    @one_object
     def motorcycle(self, x, z, heading, velocity=(0, 0, 0)):
         """A parked motorcycle: two wheels, body and seat."""
         st = self.style

@@ -11,6 +11,7 @@ from data_prep.synth.geometry import Camera, Scene, Trace, relative_transform, t
 from data_prep.synth.layout import Ego, generate_street, pitch, yaw
 from data_prep.synth.shading import Lighting, sample_lighting, shade, tone_map
 from data_prep.synth.styles import Style, get_style
+from sdeseg.data.classes import INSTANCE_DIVISOR, train_ids_to_label_ids
 
 SKY = 10  # Cityscapes train id of sky
 FRAMES = (-1, 0, 1)
@@ -71,6 +72,33 @@ def edge_pixels(tr: Trace) -> np.ndarray:
     return edge
 
 
+def instance_map(scene: Scene, tr: Trace) -> np.ndarray:
+    """(H,W) uint16 Cityscapes instanceIds of a traced frame.
+
+    Pixels of a thing object hold ``label id * 1000 + index``, with the index counting that
+    class's visible objects from 0 in the order the layout created them; every other pixel
+    holds the label id of its class (sky: 23). The class comes from the same primitive as
+    the semantic label, so ``id // 1000`` agrees with the label on every thing pixel.
+    """
+    sky = tr.pid < 0
+    pid = np.maximum(tr.pid, 0)
+    train = np.where(sky, SKY, scene.cls[pid]).astype(np.uint8)
+    label_ids = train_ids_to_label_ids(train).astype(np.int64)
+    obj = np.where(sky, 0, scene.instance[pid])
+    out = label_ids.copy()
+    visible = obj > 0
+    if visible.any():
+        # (object, label id) pairs; an object's parts share one class, the pair only guards it
+        pairs, inverse = np.unique(obj[visible] * 256 + label_ids[visible], return_inverse=True)
+        cls = pairs % 256
+        order = np.lexsort((pairs // 256, cls))  # by class, then by object id (= creation order)
+        first = np.searchsorted(cls[order], cls[order])  # where each class's run starts
+        index = np.empty(len(pairs), dtype=np.int64)
+        index[order] = np.arange(len(pairs)) - first
+        out[visible] = (cls * INSTANCE_DIVISOR + index)[inverse.reshape(-1)]
+    return out.astype(np.uint16)
+
+
 def render_frame(
     scene: Scene, cam: Camera, frame: int, light: Lighting, style: Style, antialias: bool = True
 ) -> tuple[np.ndarray, Trace]:
@@ -117,7 +145,8 @@ def render_sample(
 
     Returns:
         dict with ``frames`` {-1, 0, 1: (H,W,3) uint8}, ``label`` (H,W) uint8 train ids
-        (sky 10), ``depth`` (H,W) float32 camera z in metres (0 on sky), ``K`` (3,3),
+        (sky 10), ``depth`` (H,W) float32 camera z in metres (0 on sky), ``instance`` (H,W)
+        uint16 Cityscapes instanceIds of frame t (:func:`instance_map`), ``K`` (3,3),
         ``T_prev`` / ``T_next`` (4,4) frame-t camera -> frame t-1 / t+1 camera,
         ``static`` (H,W) bool (frame-t pixels on static geometry) and ``info`` (dict: camera
         height, speed, primitive count and ``world_from_camera`` (4,4) of frame t, for tests).
@@ -137,10 +166,12 @@ def render_sample(
             label = np.where(sky, SKY, scene.cls[np.maximum(tr.pid, 0)]).astype(np.uint8)
             depth = np.where(sky, 0.0, tr.depth).astype(np.float32)
             static = ~sky & ~scene.moving[np.maximum(tr.pid, 0)]
+            instance = instance_map(scene, tr)
     return {
         "frames": frames,
         "label": label,
         "depth": depth,
+        "instance": instance,
         "K": K,
         "T_prev": relative_transform(cams[0], cams[-1]),
         "T_next": relative_transform(cams[0], cams[1]),

@@ -1,4 +1,10 @@
-"""The 19 Cityscapes train classes, from the official tables in ``cityscapesscripts``."""
+"""The 19 Cityscapes train classes, from the official tables in ``cityscapesscripts``.
+
+Instance maps follow the Cityscapes ``gtFine_instanceIds`` convention: a pixel of a thing
+instance holds ``label id * INSTANCE_DIVISOR + index`` (index 0, 1, ... per class and image),
+every other pixel its plain *label id* (not train id) -- stuff, void, and thing regions
+without an instance (Cityscapes' groups, e.g. ``cargroup`` pixels hold 26).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 IGNORE_INDEX = 255
+INSTANCE_DIVISOR = 1000  # Cityscapes instanceIds: label id * 1000 + index
 
 
 @lru_cache(maxsize=1)
@@ -21,7 +28,14 @@ def _tables():
         if 0 <= lab.id < 256 and 0 <= lab.trainId < IGNORE_INDEX:
             lut[lab.id] = lab.trainId
     valid_ids = np.array(sorted(lab.id for lab in labels if lab.id >= 0), dtype=np.int64)
-    return names, colors, lut, valid_ids
+    # train id -> label id; 255 (ignore) -> 0 ("unlabeled")
+    to_label = np.zeros(256, dtype=np.uint8)
+    for lab in labels:
+        if 0 <= lab.trainId < IGNORE_INDEX:
+            to_label[lab.trainId] = lab.id
+    things = tuple(sorted(lab.trainId for lab in labels if lab.hasInstances and 0 <= lab.trainId < IGNORE_INDEX))
+    instance_ids = np.array(sorted(lab.id for lab in labels if lab.hasInstances), dtype=np.int64)
+    return names, colors, lut, valid_ids, to_label, things, instance_ids
 
 
 def class_names() -> tuple[str, ...]:
@@ -47,6 +61,34 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
 def known_label_ids() -> np.ndarray:
     """All label ids defined by the official tables (0..33)."""
     return _tables()[3]
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Map train ids (0..18) to their official label ids (e.g. car 13 -> 26); 255 -> 0 (unlabeled)."""
+    return _tables()[4][train_ids]
+
+
+def thing_train_ids() -> tuple[int, ...]:
+    """Train ids of the classes with instances: person, rider, car, truck, bus, train,
+    motorcycle, bicycle (11..18)."""
+    return _tables()[5]
+
+
+def instance_label_ids() -> np.ndarray:
+    """Label ids of every class with instances in the official tables, including caravan and
+    trailer, which have no train id (24..33)."""
+    return _tables()[6]
+
+
+def instance_ids_to_label_ids(instance_ids: np.ndarray) -> np.ndarray:
+    """(H,W) Cityscapes instanceIds -> (H,W) label ids (``id // 1000`` on instance pixels)."""
+    ids = np.asarray(instance_ids).astype(np.int64)
+    return np.where(ids >= INSTANCE_DIVISOR, ids // INSTANCE_DIVISOR, ids)
+
+
+def instance_ids_to_train_ids(instance_ids: np.ndarray) -> np.ndarray:
+    """(H,W) Cityscapes instanceIds -> (H,W) uint8 train ids (255 = ignore)."""
+    return label_ids_to_train_ids(instance_ids_to_label_ids(instance_ids))
 
 
 def colorize(label: np.ndarray) -> np.ndarray:

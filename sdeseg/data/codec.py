@@ -4,7 +4,10 @@ A sample is a centre frame with its neighbours; members of the tar are
 ``prev.<ext>``, ``cur.<ext>``, ``next.<ext>`` (uint8 RGB, ext png or jpg),
 ``label.png`` (train ids, 255 = ignore), ``depth.npy`` (float32 metres, 0 = invalid)
 and ``json`` (intrinsics K in pixels of the stored size, height, width, domain,
-split, has_label, source ids; synthetic data also T_prev / T_next).
+split, has_label, source ids; synthetic data also T_prev / T_next). Optional:
+``instance.png``, a 16-bit grayscale PNG of Cityscapes instanceIds (label id * 1000 + index
+on thing instances, the label id elsewhere; see ``sdeseg.data.classes``), read with
+:func:`decode_instance`; its json records ``has_instance``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,41 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+INSTANCE_MEMBER = "instance.png"
+INSTANCE_MAX = np.iinfo(np.uint16).max  # 16-bit PNG; Cityscapes instance ids stay below 34000
+
+
+def encode_instance(ids: np.ndarray) -> bytes:
+    """(H,W) Cityscapes instanceIds (any integer dtype, 0..65535) -> 16-bit grayscale PNG bytes."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise SampleError(f"instance map must be an integer HxW array, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > INSTANCE_MAX):
+        raise SampleError(f"instance ids must lie in [0, {INSTANCE_MAX}], got [{ids.min()}, {ids.max()}]")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_instance(data: bytes) -> np.ndarray:
+    """``instance.png`` bytes -> (H,W) int32 Cityscapes instanceIds.
+
+    Pillow opens 16-bit PNGs as mode ``I;16`` (uint16) or, in older versions, ``I`` (int32);
+    both come back as int32 (torch's integer ops lack uint16). Raises SampleError for
+    another kind of image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in ("I;16", "I", "L"):
+                raise SampleError(f"instance map has mode {img.mode}, expected a 16-bit grayscale PNG")
+            return np.asarray(img).astype(np.int32)
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types on corrupt data
+        raise SampleError(f"cannot decode {INSTANCE_MEMBER} ({type(e).__name__}: {e})") from e
+
+
 def encode_sample(
     key: str,
     frames: dict[int, np.ndarray],
@@ -60,13 +98,16 @@ def encode_sample(
     label: np.ndarray | None = None,
     depth: np.ndarray | None = None,
     image_format: str = "png",
+    instance: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Build the member dict of one sample (bytes per member, plus ``__key__``).
 
     Args:
         frames: {-1: prev, 0: cur, 1: next} uint8 (H,W,3); only 0 is required.
-        meta: json fields; must hold K (3x3), domain, split. height/width/has_label are filled in.
+        meta: json fields; must hold K (3x3), domain, split. height/width/has_label are filled in,
+            and has_instance when an instance map is given.
         label: (H,W) uint8 train ids or None. depth: (H,W) float32 metres or None.
+        instance: (H,W) integer Cityscapes instanceIds or None -> ``instance.png`` (16-bit).
     """
     if 0 not in frames:
         raise SampleError(f"{key}: the centre frame (0) is required")
@@ -90,6 +131,15 @@ def encode_sample(
         out["depth.npy"] = encode_npy(depth.astype(np.float32))
     full = dict(meta)
     full.update(K=K.tolist(), height=h, width=w, has_label=label is not None)
+    if instance is not None:
+        if instance.shape != (h, w):
+            raise SampleError(f"{key}: instance map must be {(h, w)}, got {instance.shape}")
+        try:
+            out[INSTANCE_MEMBER] = encode_instance(instance)
+        except SampleError as e:
+            raise SampleError(f"{key}: {e}") from None
+        # only samples with the member say so: the json of every other sample keeps its bytes
+        full["has_instance"] = True
     for name in ("T_prev", "T_next"):
         if name in full:
             full[name] = np.asarray(full[name], dtype=np.float64).tolist()

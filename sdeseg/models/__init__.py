@@ -1,4 +1,5 @@
-"""Networks: ResNet encoder, depth decoder, pose net, segmentation and multi-task models.
+"""Networks: ResNet encoder, depth decoder, pose net, segmentation, multi-task and instance
+models, and depth feature fusion.
 
 Every model returns a dict keyed by tuples (``("disp", s)``, ``("seg", 0)``, ``("T", f)``)
 whose keys do not depend on flags, only on the inputs given. ``build.py`` builds them
@@ -8,6 +9,7 @@ from the config; :class:`DepthRange` reads the disparity heads as metric depth.
 from sdeseg.models.build import (
     build_depth_model,
     build_encoder,
+    build_instance_model,
     build_multitask_model,
     build_pose_net,
     build_sde_model,
@@ -15,6 +17,8 @@ from sdeseg.models.build import (
 )
 from sdeseg.models.depth_decoder import DecoderBody, DepthDecoder, DepthRange
 from sdeseg.models.ema import EMATeacher, ema_alpha
+from sdeseg.models.fusion import DepthFusion, FeatureFusion
+from sdeseg.models.instance import InstanceHead, InstanceModel
 from sdeseg.models.multitask import FeatureExchange, MultiTaskModel
 from sdeseg.models.pose import PoseNet, rot_from_axisangle, transformation_from_parameters
 from sdeseg.models.resnet import (
@@ -30,10 +34,14 @@ from sdeseg.models.seg import SegDecoder, SegModel, TransferReport, transfer_fro
 __all__ = [
     "DecoderBody",
     "DepthDecoder",
+    "DepthFusion",
     "DepthModel",
     "DepthRange",
     "EMATeacher",
     "FeatureExchange",
+    "FeatureFusion",
+    "InstanceHead",
+    "InstanceModel",
     "MultiTaskModel",
     "PoseNet",
     "PretrainedMismatchError",
@@ -45,6 +53,7 @@ __all__ = [
     "TransferReport",
     "build_depth_model",
     "build_encoder",
+    "build_instance_model",
     "build_multitask_model",
     "build_pose_net",
     "build_sde_model",

@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from sdeseg.config import ModelConfig
 from sdeseg.models.depth_decoder import DepthDecoder
+from sdeseg.models.fusion import DepthFusion
+from sdeseg.models.instance import InstanceHead, InstanceModel
 from sdeseg.models.multitask import MultiTaskModel
 from sdeseg.models.pose import FRAME_IDS, PoseNet
 from sdeseg.models.resnet import ResNetEncoder, load_pretrained, resnet_depth
@@ -84,3 +86,20 @@ def build_seg_model(cfg: ModelConfig) -> nn.Module:
         return build_multitask_model(cfg)
     enc = build_encoder(cfg)
     return SegModel(enc, build_seg_decoder(cfg, enc))
+
+
+def build_instance_model(
+    cfg: ModelConfig, depth_channels: Sequence[int] | None = None, fusion_stages: Sequence[int] = ()
+) -> InstanceModel:
+    """Instance segmentation network: :class:`SegModel`'s encoder and decoder plus an
+    :class:`InstanceHead`; with ``fusion_stages``, frozen depth features (``depth_channels``:
+    channels of the depth encoder's 5 maps, e.g. its ``num_ch_enc``) are fused into those
+    encoder stages (:class:`DepthFusion`)."""
+    enc = build_encoder(cfg)
+    fusion = None
+    if fusion_stages:
+        if depth_channels is None:
+            raise ValueError("build_instance_model: fusion_stages need depth_channels (the depth encoder's num_ch_enc)")
+        fusion = DepthFusion(enc.num_ch_enc, depth_channels, fusion_stages)
+    decoder = build_seg_decoder(cfg, enc)
+    return InstanceModel(enc, decoder, InstanceHead(decoder.body.channels[0]), fusion)

@@ -19,6 +19,7 @@ Two knobs beyond torchvision:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,14 @@ import torch.nn as nn
 # (not the per-channel ImageNet statistics); the published SDE weights expect it.
 INPUT_MEAN = 0.45
 INPUT_STD = 0.225
+
+# (stage index 0..4, that stage's map) -> the map the next stage reads; see ResNet.features
+StageHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _keep(k: int, x: torch.Tensor) -> torch.Tensor:
+    return x
+
 
 # depth -> (block type, blocks per stage), as in torchvision
 ARCHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -170,18 +179,24 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, fuse: StageHook | None = None) -> list[torch.Tensor]:
         """x (B,in_channels,H,W) -> 5 maps: stem after relu (1/2), layer1 (1/4), layer2 (1/8),
-        layer3 (1/16), layer4 (1/32, or 1/16 with ``dilate_last``); channels ``num_ch_enc``."""
-        f0 = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(self.maxpool(f0))
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
+        layer3 (1/16), layer4 (1/32, or 1/16 with ``dilate_last``); channels ``num_ch_enc``.
+
+        ``fuse(k, map_k)``, when given, replaces each map k before the next stage reads it
+        (and in the returned list): how depth features enter the backbone
+        (:class:`~sdeseg.models.fusion.DepthFusion`). It must keep the map's shape.
+        """
+        fuse = fuse or _keep
+        f0 = fuse(0, self.relu(self.bn1(self.conv1(x))))
+        f1 = fuse(1, self.layer1(self.maxpool(f0)))
+        f2 = fuse(2, self.layer2(f1))
+        f3 = fuse(3, self.layer3(f2))
+        f4 = fuse(4, self.layer4(f3))
         return [f0, f1, f2, f3, f4]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.features(x)
+    def forward(self, x: torch.Tensor, fuse: StageHook | None = None) -> list[torch.Tensor]:
+        return self.features(x, fuse)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-style logits (B,num_classes); only when built with ``num_classes``."""
@@ -207,9 +222,12 @@ class ResNetEncoder(nn.Module):
         self.num_ch_enc = list(self.net.num_ch_enc)
         self.output_stride = self.net.output_stride
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (B,in_channels,H,W) in [0, 1] -> list of 5 maps (B,num_ch_enc[i],H/2^(i+1),W/2^(i+1))."""
-        return self.net.features((x - INPUT_MEAN) / INPUT_STD)
+    def forward(self, x: torch.Tensor, fuse: StageHook | None = None) -> list[torch.Tensor]:
+        """x (B,in_channels,H,W) in [0, 1] -> list of 5 maps (B,num_ch_enc[i],H/2^(i+1),W/2^(i+1)).
+
+        ``fuse``: optional per-stage hook, see :meth:`ResNet.features`.
+        """
+        return self.net.features((x - INPUT_MEAN) / INPUT_STD, fuse)
 
 
 def resnet_depth(name: str) -> int:
