@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from sdeseg.config import Config, ConfigError, from_dict, save_config
-from sdeseg.runtime.context import FAULT_ENV, StageContext
+from sdeseg.runtime.context import FAULT_DELAY_ENV, FAULT_ENV, StageContext
 from sdeseg.runtime.quiet import quiet_libraries, train_log_level
 from sdeseg.stages import stage_module
 from sdeseg.storage import RunStore, check_storage, fetch, is_url
 
 log = logging.getLogger("sdeseg")
-PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, "RAY_AUTH_MODE")
+PASS_ENV = ("SDESEG_OPS_BACKEND", "TRITON_INTERPRET", FAULT_ENV, FAULT_DELAY_ENV, "RAY_AUTH_MODE")
 
 
 def _absolute(path: str | None) -> str | None:
@@ -55,6 +55,9 @@ def preflight(cfg: Config) -> Config:
     cfg.ssda.source_sde_checkpoint = _absolute(cfg.ssda.source_sde_checkpoint)
     cfg.ssda.source_root = _absolute(cfg.ssda.source_root)
     cfg.selftrain.pseudo_root = _absolute(cfg.selftrain.pseudo_root)
+    cfg.semiseg.init_checkpoint = _absolute(cfg.semiseg.init_checkpoint)
+    cfg.contrastive.regions_root = _absolute(cfg.contrastive.regions_root)
+    cfg.contrastive.init_checkpoint = _absolute(cfg.contrastive.init_checkpoint)
     cfg.model.pretrained = _absolute(cfg.model.pretrained)
     cfg.runtime.storage_path = _absolute(cfg.runtime.storage_path)
     check_storage(cfg.data.root, "data.root", write=False)  # bucket, credentials, endpoint: one line each
@@ -64,7 +67,10 @@ def preflight(cfg: Config) -> Config:
     files = {"data.labeled_keys": cfg.data.labeled_keys, "semiseg.sde_checkpoint": cfg.semiseg.sde_checkpoint,
              "select.sde_checkpoint": cfg.select.sde_checkpoint,
              "ssda.source_sde_checkpoint": cfg.ssda.source_sde_checkpoint,
-             "model.pretrained": cfg.model.pretrained}
+             "model.pretrained": cfg.model.pretrained,
+             "contrastive.init_checkpoint": cfg.contrastive.init_checkpoint}
+    if cfg.semiseg.init_from == "contrastive":  # ignored otherwise (a grid may keep it set on other arms)
+        files["semiseg.init_checkpoint"] = cfg.semiseg.init_checkpoint
     for key, path in files.items():
         if path is None:
             continue
@@ -75,7 +81,8 @@ def preflight(cfg: Config) -> Config:
                 raise ConfigError(f"{key}: {e}") from e
         elif not Path(path).is_file():
             raise ConfigError(f"{key}: file {path} does not exist")
-    if cfg.model.pretrained is None and cfg.model.encoder in ("resnet50", "resnet101"):  # the paper's encoders
+    # the paper's encoders; contrastive pretraining starts without ImageNet on purpose
+    if cfg.model.pretrained is None and cfg.model.encoder in ("resnet50", "resnet101") and cfg.stage != "contrastive":
         log.warning("model.pretrained is not set: the %s encoder starts from random weights (the paper starts "
                     "from ImageNet weights: set model.pretrained to a torchvision state_dict file)", cfg.model.encoder)
     if cfg.stage == "threestage":
@@ -323,7 +330,11 @@ def finished_run(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
     if not (summary_file.exists() and config_file.exists()):
         return None
     resolved = preflight(cfg)
-    if yaml.safe_load(config_file.read_text()) != resolved.to_dict():
+    try:  # read as a config: keys added since (with their defaults) do not count as a change
+        stored = from_dict(yaml.safe_load(config_file.read_text())).to_dict()
+    except ConfigError:  # a key that no longer exists, a value no longer allowed: not this config
+        return None
+    if stored != resolved.to_dict():
         return None
     summary = json.loads(summary_file.read_text())
     return summary if summary.get("steps", -1) >= resolved.loop_steps() else None

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sdeseg.config import ConfigError
-from sdeseg.runtime.context import FAULT_ENV
+from sdeseg.runtime.context import FAULT_DELAY_ENV, FAULT_ENV
 from sdeseg.search import example_params, grid_points, load_search
 from tests.conftest import TINY
 
@@ -135,7 +135,7 @@ def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_che
                      overrides=yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
                      + ["train.steps=6"])
     out = tmp_path / "out"
-    env = _env(**{FAULT_ENV: "3"})
+    env = _env(**{FAULT_ENV: "3", FAULT_DELAY_ENV: "4"})  # the step-2 checkpoint reaches the controller first
     log = tmp_path / "first.log"  # a file, not a pipe: nobody reads while it runs, a full pipe would block it
     with open(log, "w") as f:
         proc = subprocess.Popen(_tune_cmd(search, out), env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -182,3 +182,30 @@ def test_optuna_tpe_suggests_points_of_the_space(tmp_path, synthetic_root):
         alg.on_trial_complete(f"t{i}", {"seg/miou": 0.1 * i, "step": 4})
     with pytest.raises(ConfigError, match="optuna samples every dimension itself"):
         load_search(_search(tmp_path, synthetic_root, search={"name": "optuna"}, scheduler={"name": "fifo"}))
+
+
+def test_a_finished_run_is_recognised_only_with_its_config_and_all_its_steps(tmp_path, synthetic_root):
+    """What a resumed search (and the three-stage pipeline) uses to skip a run that ended."""
+    import yaml as _yaml
+
+    from sdeseg.config import save_config
+    from sdeseg.launch import finished_run, preflight
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("demo_semiseg", synthetic_root, "train.steps=6", "semiseg.transfer=false", "semiseg.mix=none")
+    assert finished_run(cfg, tmp_path) is None  # nothing there
+    save_config(preflight(cfg), tmp_path / "config.yaml")
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 6, "seg/miou": 0.25}))
+    assert finished_run(cfg, tmp_path)["seg/miou"] == 0.25
+    assert finished_run(tiny_config("demo_semiseg", synthetic_root, "train.steps=8", "semiseg.transfer=false",
+                                    "semiseg.mix=none"), tmp_path) is None  # more steps asked: not finished
+    other = tiny_config("demo_semiseg", synthetic_root, "train.steps=6", "semiseg.transfer=false", "semiseg.mix=none",
+                        "optim.lr=0.5")
+    assert finished_run(other, tmp_path) is None  # another config
+    stored = _yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["selftrain"]  # written before a section existed: its defaults are assumed
+    (tmp_path / "config.yaml").write_text(_yaml.safe_dump(stored))
+    assert finished_run(cfg, tmp_path) is not None
+    stored["optim"]["no_longer_a_key"] = 1
+    (tmp_path / "config.yaml").write_text(_yaml.safe_dump(stored))
+    assert finished_run(cfg, tmp_path) is None

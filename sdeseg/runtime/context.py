@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,12 @@ from sdeseg.runtime.engine import build_engine, engine_lrs
 from sdeseg.runtime.telemetry import MetricLogger, NullLogger, ProgressLine, PrometheusMetrics, run_label
 
 # Fault injection for the fault-tolerance tests, read by the runtime (never by a stage):
-# with SDESEG_FAULT_AT_STEP=N, rank 1 (rank 0 in a world of one) exits hard once after step N.
+# with SDESEG_FAULT_AT_STEP=N, rank 1 (rank 0 in a world of one) exits hard once after step N,
+# SDESEG_FAULT_DELAY_S seconds later (default 0). Ray Train's controller collects a worker's
+# reports every 2 s: a lone worker that dies sooner after reporting a checkpoint loses that
+# report, and its restart begins from the one before (a delay makes a test deterministic).
 FAULT_ENV = "SDESEG_FAULT_AT_STEP"
+FAULT_DELAY_ENV = "SDESEG_FAULT_DELAY_S"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -212,6 +217,7 @@ class StageContext:
         if marker.exists():
             return
         marker.write_text(json.dumps({"step": step, "rank": self.rank}))
+        time.sleep(float(os.environ.get(FAULT_DELAY_ENV, "0")))
         os._exit(17)
 
     # ------------------------------------------------------------------ logging
@@ -268,6 +274,17 @@ class StageContext:
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a world of one (e.g. the
+        per-image annotations of a mask AP, which do not reduce to a sum)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1:
