@@ -206,7 +206,13 @@ class SemisegConfig:
     # the official code); on the demo HSV cost 0.9-1.0 mIoU at 175 steps (BENCHMARKS.md, 2026-11-30)
     hue_space: Literal["yiq", "hsv"] = "yiq"
     sde_checkpoint: str | None = None  # exported SDE model: transfer init and pseudo-depth
-    transfer: bool = True  # initialise encoder + decoder from sde_checkpoint
+    # where the student's encoder + decoder start: the SDE export (sde_checkpoint), a contrastive
+    # export (init_checkpoint), ImageNet weights (model.pretrained, decoder random) or nothing
+    init_from: Literal["sde", "contrastive", "imagenet", "scratch"] = "sde"
+    init_checkpoint: str | None = None  # the `stage: contrastive` export read with init_from=contrastive
+    # the older switch, kept: false with init_from=sde means imagenet (model.pretrained set) or
+    # scratch; after loading it always equals init_from == "sde" (Config.__post_init__)
+    transfer: bool = True
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.pseudo_threshold <= 1.0, "semiseg.pseudo_threshold", "must be in [0, 1]")
@@ -276,6 +282,58 @@ class SelfTrainConfig:
         _check(min(self.pseudo_weight, self.view_consistency, self.branch_consistency) >= 0, "selftrain",
                "loss weights must be >= 0")
         _check(self.histogram_bins >= 10, "selftrain.histogram_bins", "must be >= 10")
+
+
+@dataclass(kw_only=True)
+class ContrastiveConfig:
+    """Depth-region copy-paste contrastive pretraining (``stage: contrastive``, seed 003, CPCDR).
+
+    Defaults are the official code's (``../shared/METHODS.md``). Each rank's unlabeled batch is
+    one group: its regions (a derived dataset, ``sdeseg infer --outputs depth,regions``, looked up
+    by key and cropped/flipped like the images) are pasted ``copies[0]`` times into the group's
+    images for view 1 and ``copies[1]`` times for view 2, and the SwAV loss asks every region's and
+    every source pixel's copies to agree on their prototype codes.
+    """
+
+    regions_root: str | None = None  # derived dataset with regions.png and pseudo_depth.npy per key
+    regions: Literal["depth", "colour"] = "depth"  # the kind the dataset must hold (colour: ablation)
+    depth_order: bool = True  # a pasted pixel shows only where it is closer (False: ablation)
+    copies: tuple[int, ...] = (2, 4)  # pastes per region in view 1 and view 2
+    scale_range: tuple[float, float] = (0.2, 2.0)  # paste distance scale s (1/s uniform)
+    view_jitter: float = 0.2  # colour jitter of each whole view after pasting (0: off; ours)
+    view_blur: bool = False  # Gaussian blur of each whole view after pasting (ours)
+    proj_dim: int = 128
+    head_channels: int = 256  # hidden channels of the projection head
+    prototypes: int = 1000
+    temperature: float = 0.1
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iterations: int = 3
+    pixel_weight: float = 0.5
+    region_weight: float = 0.5
+    pixel_points: int = 4000  # sampled points per image and view
+    region_points: int = 7200
+    # a point's target is its group's code in the other view (SwAV); False: pooled over both views
+    # (the official code)
+    swapped: bool = True
+    # an SDE export to start encoder + decoder body from (None: model.pretrained, or random weights)
+    init_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.copies) == 2 and min(self.copies) >= 1, "contrastive.copies",
+               f"need two paste counts >= 1 (view 1, view 2), got {list(self.copies)}")
+        lo, hi = self.scale_range
+        _check(0 < lo <= hi, "contrastive.scale_range", f"need 0 < min <= max, got {list(self.scale_range)}")
+        _check(self.view_jitter >= 0, "contrastive.view_jitter", "must be >= 0")
+        _check(self.proj_dim >= 1 and self.head_channels >= 1, "contrastive.proj_dim",
+               "proj_dim and head_channels must be >= 1")
+        _check(self.prototypes >= 2, "contrastive.prototypes", "must be >= 2")
+        _check(self.temperature > 0 and self.sinkhorn_eps > 0, "contrastive.temperature",
+               "temperature and sinkhorn_eps must be > 0")
+        _check(self.sinkhorn_iterations >= 1, "contrastive.sinkhorn_iterations", "must be >= 1")
+        _check(min(self.pixel_weight, self.region_weight) >= 0 and self.pixel_weight + self.region_weight > 0,
+               "contrastive.pixel_weight", "pixel_weight and region_weight must be >= 0, not both 0")
+        _check(self.pixel_points >= 1 and self.region_points >= 1, "contrastive.pixel_points",
+               "pixel_points and region_points must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -362,6 +420,73 @@ class SelectConfig:
 
 
 @dataclass(kw_only=True)
+class InstanceConfig:
+    """Depth-guided semi-supervised instance segmentation (``stage: instance``, seed 002; where the
+    paper is silent, our design: docs/architecture.md).
+
+    A Panoptic-DeepLab-style model (semantic logits, centre heatmap, offsets) learns from the
+    labeled keys (``label.png`` and ``instance.png``). With ``mean_teacher`` an EMA teacher
+    pseudo-labels the unlabeled images: the semantic argmax where its class confidence reaches
+    ``pseudo_threshold``, and the centres and offsets of the instances it groups whose score
+    (centre value x class probability) reaches ``pseudo_score``. With ``fusion_stages`` the
+    frozen SDE depth network's encoder maps (``semiseg.sde_checkpoint``) are fused into those
+    stages of the student's encoder (Depth Feature Fusion), and the teacher sees them too. The
+    Depth Controller (``controller``) ramps the depth features from 0 to 1 over
+    ``depth_ramp_steps`` and weighs the pseudo-label losses of a depth-fused and an RGB-only
+    (depth input 0) student pass by how well each agreed with the teacher lately:
+    ``w_depth = sigmoid((L_rgb - L_depth) / (controller_temperature * mean(L)))`` on running
+    means (``controller_momentum``) of the two losses, ``w_rgb = 1 - w_depth``.
+
+    The semiseg section gives the rest: sde_checkpoint, transfer, ema_alpha_max, the student's
+    strong augmentation (color_jitter, blur, hue_space) and ignore_index.
+    """
+
+    mean_teacher: bool = True  # False: supervised only (the ablation's first row)
+    fusion_stages: tuple[int, ...] = ()  # student encoder maps (0 stem .. 4 layer4) fused with depth; (): off
+    controller: bool = False  # the Depth Controller (needs fusion_stages and mean_teacher)
+    depth_ramp_steps: int = 0  # the controller's linear ramp of the depth input 0 -> 1 (0: always 1)
+    controller_momentum: float = 0.9  # running mean of each branch's pseudo-label loss
+    controller_temperature: float = 0.1  # relative loss difference that moves the weight by one logit
+    # Panoptic-DeepLab's loss weights: semantic CE 1, centre MSE 200, offset L1 0.01 (offsets in
+    # pixels; at full-resolution Cityscapes)
+    semantic_weight: float = 1.0
+    center_weight: float = 200.0
+    offset_weight: float = 0.01
+    unsup_weight: float = 1.0  # the teacher's pseudo-label terms
+    pseudo_threshold: float = 0.9  # teacher class confidence of a pseudo-semantic pixel
+    pseudo_score: float = 0.5  # teacher instance score of a pseudo-instance (centre and offsets)
+    # centre heatmap sigma in pixels; None: Panoptic-DeepLab's 8 px at 1024 rows, scaled to the
+    # stored image height (sdeseg.panoptic.center_sigma)
+    center_sigma: float | None = None
+    # grouping (sdeseg.panoptic.group_instances), also written into exports for `sdeseg eval`
+    center_threshold: float = 0.1
+    nms_kernel: int = 7
+    top_k: int = 200
+    export_best: Literal["pq", "ap", "ap50", "miou"] = "pq"  # validation metric of the best export
+
+    def __post_init__(self) -> None:
+        self.fusion_stages = tuple(sorted(set(self.fusion_stages)))
+        _check(all(0 <= k <= 4 for k in self.fusion_stages), "instance.fusion_stages",
+               f"encoder maps are 0..4, got {list(self.fusion_stages)}")
+        _check(self.depth_ramp_steps >= 0, "instance.depth_ramp_steps", "must be >= 0")
+        _check(0.0 <= self.controller_momentum < 1.0, "instance.controller_momentum", "must be in [0, 1)")
+        _check(self.controller_temperature > 0, "instance.controller_temperature", "must be > 0")
+        _check(min(self.semantic_weight, self.center_weight, self.offset_weight, self.unsup_weight) >= 0,
+               "instance", "loss weights must be >= 0")
+        _check(0.0 <= self.pseudo_threshold <= 1.0, "instance.pseudo_threshold", "must be in [0, 1]")
+        _check(self.pseudo_score >= 0, "instance.pseudo_score", "must be >= 0")
+        _check(self.center_sigma is None or self.center_sigma > 0, "instance.center_sigma", "must be > 0 (or null)")
+        _check(self.nms_kernel >= 1 and self.nms_kernel % 2 == 1, "instance.nms_kernel", "must be odd and >= 1")
+        _check(self.top_k >= 1, "instance.top_k", "must be >= 1")
+        if self.controller and not self.fusion_stages:
+            raise ConfigError("instance.controller: the Depth Controller balances the depth-fused and the RGB "
+                              "terms; it needs instance.fusion_stages (e.g. [1, 2, 3])")
+        if self.controller and not self.mean_teacher:
+            raise ConfigError("instance.controller: the Depth Controller weighs the pseudo-label terms by their "
+                              "agreement with the teacher; it needs instance.mean_teacher=true")
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4  # heads / decoders
@@ -369,7 +494,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "step", "poly"] = "constant"
+    schedule: Literal["constant", "step", "poly", "cosine"] = "constant"
     step_size: int = 1000  # step schedule: multiply by gamma every step_size steps
     gamma: float = 0.1
     poly_power: float = 0.9
@@ -445,7 +570,7 @@ class RuntimeConfig:
 class Config:
     """The whole run. ``stage`` picks the training stage."""
 
-    stage: Literal["sde", "semiseg", "select", "ssda", "selftrain", "threestage"] = "sde"
+    stage: Literal["sde", "semiseg", "select", "ssda", "selftrain", "threestage", "contrastive", "instance"] = "sde"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     depth_loss: DepthLossConfig = field(default_factory=DepthLossConfig)
@@ -454,6 +579,8 @@ class Config:
     ssda: SsdaConfig = field(default_factory=SsdaConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     threestage: ThreeStageConfig = field(default_factory=ThreeStageConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -465,6 +592,18 @@ class Config:
             raise ConfigError(
                 "depth_loss.feature_distance: needs model.pretrained (an ImageNet state_dict file path)"
             )
+        s = self.semiseg
+        if s.init_from == "sde" and not s.transfer:  # the older spelling of "not from the SDE export"
+            s.init_from = "imagenet" if self.model.pretrained is not None else "scratch"
+        s.transfer = s.init_from == "sde"  # one meaning, whichever key was set
+        if s.init_from == "imagenet" and self.model.pretrained is None:
+            raise ConfigError("semiseg.init_from: 'imagenet' needs model.pretrained (a torchvision state_dict file)")
+        if s.init_from == "scratch" and self.model.pretrained is not None:
+            raise ConfigError("semiseg.init_from: 'scratch' but model.pretrained is set (use init_from=imagenet, "
+                              "or model.pretrained=null)")
+        if self.stage == "contrastive" and self.contrastive.prototypes < self.model.num_classes:
+            raise ConfigError(f"contrastive.prototypes: {self.contrastive.prototypes} prototypes cannot be clustered "
+                              f"into model.num_classes={self.model.num_classes} classes for the evaluation")
 
     def loop_steps(self) -> int:
         """The steps a stage's loop makes (progress lines, ETA): ``train.steps``; the selection

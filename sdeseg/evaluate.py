@@ -5,19 +5,22 @@ A model here is any network of sdeseg called on a bare (B,3,H,W) image in [0, 1]
 disparity (SDE depth nets, multi-task models). :func:`accumulate` runs it over batches and
 adds to the metrics given; the caller reduces across ranks (the stages) or not (``sdeseg
 eval``) and turns the sums into the flat dicts of :func:`seg_summary` / :func:`depth_summary`.
+Instance models (``("center", 0)`` and ``("offset", 0)`` too) go through
+:func:`accumulate_instances` and :func:`instance_summary` (mask AP, AP50, PQ).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from sdeseg.data.classes import class_names
-from sdeseg.metrics import DepthMetric, SegmentationMetric
+from sdeseg.metrics import DepthMetric, MaskAP, PanopticQuality, SegmentationMetric
 from sdeseg.models import DepthRange
+from sdeseg.panoptic import instances_from_outputs
 
 
 @torch.no_grad()
@@ -73,3 +76,56 @@ def depth_summary(ours: DepthMetric, const: DepthMetric, prefix: str = "depth") 
     if not math.isnan(metrics[f"{prefix}/abs_rel"]):
         metrics[f"{prefix}/abs_rel_ratio"] = metrics[f"{prefix}/abs_rel"] / base["abs_rel"]
     return metrics
+
+
+@torch.no_grad()
+def accumulate_instances(
+    model: torch.nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    grouping: Mapping[str, float | int],
+    *,
+    seg: SegmentationMetric | None = None,
+    mask_ap: MaskAP | None = None,
+    pq: PanopticQuality | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> None:
+    """Add an instance model's predictions on ``batches`` to ``seg`` (argmax against the labels),
+    ``mask_ap`` and ``pq`` (instances grouped with ``grouping``, the keyword arguments of
+    :func:`sdeseg.panoptic.instances_from_outputs`, against the instance maps).
+
+    ``model(images)`` returns ``("seg", 0)``, ``("center", 0)`` and ``("offset", 0)`` (e.g. a
+    :class:`sdeseg.models.DepthGuidedInstanceNet`). A sample whose instance map is all 0
+    (it has no ``instance.png``) is left out of AP and PQ. Eval mode, as :func:`accumulate`.
+    """
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        want_seg = seg is not None and batch.label is not None
+        want_inst = (mask_ap is not None or pq is not None) and batch.instance is not None
+        if not (want_seg or want_inst):
+            continue
+        batch = batch.to(device)
+        with autocast():
+            out = model(batch.images[0])
+        if want_seg:
+            seg.update(out[("seg", 0)].argmax(1), batch.label)
+        if want_inst:
+            for (ids, scores), target in zip(instances_from_outputs(out, **grouping), batch.instance.cpu()):
+                if not bool((target != 0).any()):
+                    continue
+                if mask_ap is not None:
+                    mask_ap.update(ids.cpu(), scores, target)
+                if pq is not None:
+                    pq.update(ids.cpu(), target)
+    model.train(was_training)
+
+
+def instance_summary(mask_ap: MaskAP, pq: PanopticQuality, prefix: str = "inst") -> dict[str, float]:
+    """``<prefix>/ap``, ``/ap50`` (thing classes, COCO mask AP), ``/pq``, ``/sq``, ``/rq``, ``/pq_th``,
+    ``/pq_st`` and ``<prefix>/ap/<class>`` of accumulated (and reduced) metrics."""
+    ap = mask_ap.compute()
+    out = {f"{prefix}/ap": ap["ap"], f"{prefix}/ap50": ap["ap50"]}
+    out.update({f"{prefix}/{k}": v for k, v in pq.compute().items() if k != "pq_class"})
+    out.update({f"{prefix}/ap/{name}": v for name, v in ap["ap_class"].items()})
+    return out

@@ -1,9 +1,11 @@
 """The models a run exports, in every format: read, load for inference, convert.
 
 A stage writes ``<run_dir>/export/{best,last}.pt``: a dict of plain types and tensors
-(loadable with ``weights_only=True``) — ``kind`` (``"sde"`` or ``"seg"``), ``model_config``,
-``depth_range``, ``step``, ``metrics`` and tensor groups (``depth`` and ``pose`` for SDE
-exports, ``model`` for segmentation / multi-task exports).
+(loadable with ``weights_only=True``) — ``kind`` (``"sde"``, ``"seg"`` or ``"instance"``),
+``model_config``, ``depth_range``, ``step``, ``metrics`` and tensor groups (``depth`` and
+``pose`` for SDE exports, ``model`` for segmentation / multi-task exports; instance exports
+hold ``model`` and, when they fuse depth, the frozen ``depth`` network with its
+``depth_model_config``, and their ``instance`` settings: fusion stages, depth scale, grouping).
 
 ``sdeseg export`` converts one into
 
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sdeseg.config import ModelConfig, _build
+from sdeseg.config import ConfigError, ModelConfig, _build
 from sdeseg.models import DepthRange, build_depth_model, build_seg_model
 
 HEADER_KEY = "sdeseg"
@@ -104,6 +106,32 @@ def export_model_config(payload: dict) -> ModelConfig:
     return cfg
 
 
+# what must agree for an export's encoder and decoder body to initialise another network
+TRANSFER_FIELDS = ("encoder", "width", "dilate_last", "aspp", "decoder_channels")
+
+
+def transfer_mismatch(payload: dict, cfg: ModelConfig) -> list[str]:
+    """``"field: export X, config Y"`` for every :data:`TRANSFER_FIELDS` entry where the export's
+    ``model_config`` and ``cfg`` differ (empty: the weights fit)."""
+    theirs = export_model_config(payload)
+    return [f"model.{f}: export {getattr(theirs, f)!r}, config {getattr(cfg, f)!r}" for f in TRANSFER_FIELDS
+            if getattr(theirs, f) != getattr(cfg, f)]
+
+
+def read_init_export(path: str | Path, kind: str, cfg: ModelConfig, key: str) -> dict:
+    """The export at ``path`` a network starts from, checked to be of ``kind`` and to hold an
+    encoder and decoder body that fit a network built from ``cfg``; a ConfigError naming the
+    config ``key`` otherwise (a stage's preflight)."""
+    try:
+        payload = read_export(path, kind)
+    except ExportError as e:
+        raise ConfigError(f"{key}: {e}") from e
+    mismatch = transfer_mismatch(payload, cfg)
+    if mismatch:
+        raise ConfigError(f"{key}: {path} was trained with another network ({'; '.join(mismatch)})")
+    return payload
+
+
 def load_depth_model(export: str | Path | dict):
     """(DepthModel in eval mode, its :class:`DepthRange`) from an SDE export's path, or from
     its payload when the caller has already read it (:func:`read_export`)."""
@@ -132,6 +160,9 @@ class LoadedModel:
     ``sdeseg.infer`` for any size) returns ``("seg", 0)`` logits (B,C,H,W) when ``"seg"`` is in
     ``tasks`` and ``("disp", 0)`` (B,1,H,W) sigmoid disparity when ``"depth"`` is; depth in
     metres (up to the scale a self-supervised model cannot know) is ``depth_range.depth(disp)``.
+    With ``"instance"`` it also returns ``("center", 0)`` (B,1,H,W) and ``("offset", 0)``
+    (B,2,H,W), grouped into instances by ``sdeseg.panoptic.instances_from_outputs`` with the
+    export's ``info["instance"]["grouping"]``.
     """
 
     net: nn.Module
@@ -141,7 +172,7 @@ class LoadedModel:
     depth_range: DepthRange | None
     class_names: tuple[str, ...]
     path: str
-    info: dict[str, Any] = field(default_factory=dict)  # step and metrics of the export
+    info: dict[str, Any] = field(default_factory=dict)  # step, metrics (and instance settings) of the export
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,9 +186,10 @@ class LoadedModel:
         return res
 
     def require(self, task: str) -> None:
-        """ExportError naming the file unless the model predicts ``task`` ("seg" or "depth")."""
+        """ExportError naming the file unless the model predicts ``task`` ("seg", "depth" or
+        "instance")."""
         if task not in self.tasks:
-            what = {"seg": "segmentation", "depth": "depth"}[task]
+            what = {"seg": "segmentation", "depth": "depth", "instance": "instances"}[task]
             raise ExportError(f"{self.path}: a {self.kind!r} export predicts {list(self.tasks)}, not {what}")
 
 
@@ -176,16 +208,41 @@ def load_model(path: str | Path) -> LoadedModel:
         net = build_seg_model(cfg)
         tasks = ("seg", "depth") if cfg.multitask and "depth_range" in payload else ("seg",)
         weights = payload["model"]
+    elif payload["kind"] == "instance":
+        net, tasks = _instance_net(payload, cfg, path), ("seg", "instance")
+        weights = payload["model"]
     else:
         raise ExportError(f"{path}: unknown export kind {payload['kind']!r}")
     try:
-        net.load_state_dict(weights, strict=True)
+        (net.model if payload["kind"] == "instance" else net).load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{path}: weights do not fit the recorded model_config ({e})") from e
     depth_range = DepthRange.from_dict(payload["depth_range"]) if "depth" in tasks else None
     names = tuple(payload.get("class_names") or class_names())
-    return LoadedModel(net.eval(), payload["kind"], tasks, cfg, depth_range, names, str(path),
-                       {"step": payload.get("step"), "metrics": payload.get("metrics", {})})
+    info = {"step": payload.get("step"), "metrics": payload.get("metrics", {})}
+    if payload["kind"] == "instance":
+        info["instance"] = payload["instance"]
+    return LoadedModel(net.eval(), payload["kind"], tasks, cfg, depth_range, names, str(path), info)
+
+
+def _instance_net(payload: dict, cfg: ModelConfig, path: str | Path) -> nn.Module:
+    """The :class:`~sdeseg.models.DepthGuidedInstanceNet` of an instance export, with its frozen
+    depth encoder (weights loaded) when it fuses depth; the instance model's weights are not
+    loaded yet."""
+    from sdeseg.models import DepthGuidedInstanceNet, build_instance_model
+
+    settings = payload["instance"]
+    stages = tuple(settings["fusion_stages"])
+    depth_encoder = None
+    if stages:
+        depth = build_depth_model(export_model_config({"model_config": payload["depth_model_config"]}))
+        try:
+            depth.load_state_dict(payload["depth"], strict=True)
+        except RuntimeError as e:
+            raise ExportError(f"{path}: depth weights do not fit the recorded depth_model_config ({e})") from e
+        depth_encoder = depth.encoder
+    model = build_instance_model(cfg, depth_encoder.num_ch_enc if depth_encoder else None, stages)
+    return DepthGuidedInstanceNet(model, depth_encoder, settings["depth_scale"])
 
 
 # ----------------------------------------------------------------------------- converting

@@ -25,7 +25,11 @@ Members of a derived sample (``outputs``):
   the maximum softmax probability;
 - ``probs``: ``probs.npy`` float16 (C,H,W) softmax probabilities;
 - ``features``: ``features.npy`` float32 (C,4,8), the decoder's level-3 features averaged to a
-  4x8 grid (the diversity features of automatic data selection).
+  4x8 grid (the diversity features of automatic data selection);
+- ``regions``: ``regions.png`` 16-bit (H,W) region ids of the image for copy-paste contrastive
+  pretraining, :func:`sdeseg.regions.depth_regions` of the image, the model's depth and the
+  sample's ``K`` (``regions="depth"``), or :func:`sdeseg.regions.colour_regions` (``"colour"``,
+  the ablation). Needs a model that predicts depth (an SDE export); computed on the CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import torch.nn.functional as F
 from sdeseg.exports import ExportError, LoadedModel, load_model
 
 SIZE_MULTIPLE = 32
-OUTPUTS = ("depth", "seg", "probs", "features")
+OUTPUTS = ("depth", "seg", "probs", "features", "regions")
+REGION_KINDS = ("depth", "colour")
+REGIONS_MEMBER = "regions.png"
 FEATURE_GRID = (4, 8)
 DERIVED_INFO = "derived.json"
 
@@ -200,10 +206,13 @@ class InferJob:
     split: str | None
     size: tuple[int, int] | None
     batch_size: int
+    regions: str | None = None  # the region kind, with the regions output only
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("out")
+        if self.regions is None:  # datasets written before region outputs existed keep their settings
+            d.pop("regions")
         d["outputs"], d["size"] = list(self.outputs), None if self.size is None else list(self.size)
         return d
 
@@ -219,13 +228,13 @@ def file_digest(path: str) -> str:
 
 
 def _source_samples(job: InferJob, shard: str, keys: list[str], positions: list[int]) -> Iterator[tuple]:
-    """(position, key, (H,W,3) uint8 centre frame, manifest-relevant fields) of one source shard."""
+    """(position, key, (H,W,3) uint8 centre frame, (3,3) intrinsics K) of one source shard."""
     from sdeseg.data.codec import decode_sample
     from sdeseg.data.shardio import scan_shard
 
     for pos, members in scan_shard(job.source, shard, keys, positions):
         sample = decode_sample(members, frames=(0,))
-        yield pos, members["__key__"], sample["frames"][0]
+        yield pos, members["__key__"], sample["frames"][0], np.asarray(sample["meta"]["K"], dtype=np.float64)
 
 
 def _encode_npy(arr: np.ndarray) -> bytes:
@@ -234,8 +243,20 @@ def _encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def image_regions(image: np.ndarray, depth: torch.Tensor, K: np.ndarray, kind: str) -> np.ndarray:
+    """(H,W) int64 region ids of one image (H,W,3) uint8 from its depth (H,W) and intrinsics K
+    (3,3) at the image's size: :func:`sdeseg.regions.depth_regions` or, ``kind="colour"``,
+    :func:`sdeseg.regions.colour_regions` (depth unused)."""
+    from sdeseg.regions import colour_regions, depth_regions
+
+    rgb = to_tensor(image)[0]
+    if kind == "colour":
+        return colour_regions(rgb).numpy()
+    return depth_regions(rgb, depth.float().cpu(), torch.from_numpy(K)).numpy()
+
+
 def _derived_members(key: str, pred: dict[str, torch.Tensor], i: int, outputs: tuple[str, ...]) -> dict:
-    from sdeseg.data.codec import encode_image
+    from sdeseg.data.codec import encode_image, encode_instance
 
     m: dict[str, Any] = {"__key__": key}
     if "depth" in outputs:
@@ -250,6 +271,8 @@ def _derived_members(key: str, pred: dict[str, torch.Tensor], i: int, outputs: t
             m["probs.npy"] = _encode_npy(probs.cpu().numpy().astype(np.float16))
     if "features" in outputs:
         m["features.npy"] = _encode_npy(pred["features"][i].cpu().numpy().astype(np.float32))
+    if "regions" in outputs:
+        m[REGIONS_MEMBER] = encode_instance(pred["regions"][i])  # a 16-bit grayscale PNG, as instance maps
     return m
 
 
@@ -270,7 +293,7 @@ def infer_shard(model: LoadedModel, job: InferJob, shard: str, keys: list[str], 
     final = join(root, shard)
     tmp = tmp_name(final)
     out_rows: list[dict] = []
-    pending: list[tuple[int, str, np.ndarray]] = []
+    pending: list[tuple[int, str, np.ndarray, np.ndarray]] = []
     features = "features" in job.outputs
 
     def flush(tar) -> None:
@@ -278,9 +301,12 @@ def infer_shard(model: LoadedModel, job: InferJob, shard: str, keys: list[str], 
         for item in pending:  # batches need one size
             by_size.setdefault(item[2].shape, []).append(item)
         for items in by_size.values():
-            images = torch.cat([to_tensor(img) for _, _, img in items]).to(device)
+            images = torch.cat([to_tensor(img) for _, _, img, _ in items]).to(device)
             pred = predict_images(model, images, job.size, features=features)
-            for i, (pos, key, img) in enumerate(items):
+            if "regions" in job.outputs:  # per image, on the CPU (superpixels and a graph merge)
+                pred["regions"] = [image_regions(img, pred["depth"][i, 0], K, job.regions)
+                                   for i, (_, _, img, K) in enumerate(items)]
+            for i, (pos, key, img, _) in enumerate(items):
                 write_tar_sample(tar, _derived_members(key, pred, i, job.outputs))
                 src = rows[key]
                 out_rows.append({
@@ -292,8 +318,8 @@ def infer_shard(model: LoadedModel, job: InferJob, shard: str, keys: list[str], 
 
     try:
         with fs.open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
-            for pos, key, img in _source_samples(job, shard, keys, positions):
-                pending.append((pos, key, img))
+            for item in _source_samples(job, shard, keys, positions):
+                pending.append(item)
                 if len(pending) == job.batch_size:
                     flush(tar)
             flush(tar)
@@ -347,12 +373,13 @@ class _ShardActor:
 
 def infer_dataset(model_path: str, source: str, out: str, *, outputs: Iterable[str] = ("depth",),
                   split: str | None = None, size: tuple[int, int] | None = None, batch_size: int = 8,
-                  actors: int = 0, use_gpu: bool | None = None) -> dict[str, Any]:
+                  actors: int = 0, use_gpu: bool | None = None, regions: str = "depth") -> dict[str, Any]:
     """Write the derived dataset of ``model_path``'s predictions on ``source`` at ``out``.
 
     ``actors=0`` runs in this process; ``actors=N`` uses a Ray Data pool of N model actors on
     the connected (or a new local) Ray cluster, one GPU each when ``use_gpu`` (default: when the
-    cluster has GPUs). Returns a report: shards written and skipped, samples, seconds.
+    cluster has GPUs). ``regions`` is the kind of the ``regions`` output (``"depth"`` or
+    ``"colour"``). Returns a report: shards written and skipped, samples, seconds.
     """
     import time
 
@@ -366,15 +393,18 @@ def infer_dataset(model_path: str, source: str, out: str, *, outputs: Iterable[s
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or not outputs:
         raise ValueError(f"outputs must be among {list(OUTPUTS)}, got {list(outputs)}")
+    if regions not in REGION_KINDS:
+        raise ValueError(f"regions must be one of {list(REGION_KINDS)}, got {regions!r}")
     model = load_model(model_path)  # checks the file and the tasks before any work
     for o in outputs:
         if o != "features":
-            model.require({"depth": "depth", "seg": "seg", "probs": "seg"}[o])
+            model.require({"depth": "depth", "seg": "seg", "probs": "seg", "regions": "depth"}[o])
     index = ShardIndex.load(source)
     selection = index.select(split, None)
     if not selection:
         raise ValueError(f"{join(source, 'manifest.parquet')} has no samples of split {split!r}")
-    job = InferJob(str(model_path), file_digest(str(model_path)), source, out, outputs, split, size, batch_size)
+    job = InferJob(str(model_path), file_digest(str(model_path)), source, out, outputs, split, size, batch_size,
+                   regions if "regions" in outputs else None)
     plan = {s: ([index.shard_keys[s][i] for i in pos], list(pos)) for s, pos in sorted(selection.items())}
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)

@@ -43,6 +43,9 @@ def lr_factor(step: int, total: int, cfg) -> float:
         return warm * cfg.gamma ** (step // cfg.step_size)
     if cfg.schedule == "poly":
         return warm * max(0.0, 1.0 - step / max(total, 1)) ** cfg.poly_power
+    if cfg.schedule == "cosine":  # after the warm-up, half a cosine from 1 down to 0 at ``total``
+        done = max(0, step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
     return warm
 
 

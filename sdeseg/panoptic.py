@@ -241,3 +241,48 @@ def instances_from_outputs(
                         threshold, nms_kernel, top_k)
         for i in range(len(logits))
     ]
+
+
+def pseudo_instances(
+    outputs: dict[tuple, torch.Tensor],
+    class_threshold: float,
+    score_threshold: float,
+    threshold: float = CENTER_THRESHOLD,
+    nms_kernel: int = NMS_KERNEL,
+    top_k: int = TOP_K,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A teacher's confidence-filtered instance maps, the pseudo-labels of unlabeled images.
+
+    Pixels whose largest class probability is below ``class_threshold`` become void (label id
+    0); the rest are grouped as :func:`instances_from_outputs` does (centres from ``threshold``,
+    ``nms_kernel``, ``top_k``), and an instance whose score is below ``score_threshold`` keeps
+    its class but loses its identity (its pixels hold the plain label id, like a Cityscapes
+    group region). :func:`instance_targets` of the result then trains the semantic output on
+    the confident pixels, and the centre and offset outputs on the kept instances only (no
+    centre target where a dropped instance was, no offset target on its pixels).
+
+    Args:
+        outputs: the teacher's ``("seg", 0)`` logits (B,C,H,W), ``("center", 0)`` (B,1,H,W),
+            ``("offset", 0)`` (B,2,H,W).
+
+    Returns:
+        ``(ids, stats)``: (B,H,W) int64 instanceIds; ``stats`` ``confident`` (the fraction of
+        confident pixels) and ``instances`` (kept instances per image), detached scalars.
+    """
+    logits = outputs[("seg", 0)].detach().float()
+    probs = logits.softmax(1)
+    confidence, semantic = probs.max(1)
+    semantic = semantic.masked_fill(confidence < class_threshold, IGNORE_INDEX)
+    maps, kept = [], 0
+    for i in range(len(logits)):
+        ids, scores = group_instances(semantic[i], outputs[("center", 0)][i].detach(),
+                                      outputs[("offset", 0)][i].detach(), probs[i], threshold, nms_kernel, top_k)
+        for value, score in scores.items():
+            if score < score_threshold:
+                ids[ids == value] = value // INSTANCE_DIVISOR
+            else:
+                kept += 1
+        maps.append(ids)
+    stats = {"confident": (confidence >= class_threshold).float().mean(),
+             "instances": torch.tensor(kept / max(len(logits), 1))}
+    return torch.stack(maps), stats

@@ -149,6 +149,44 @@ def fig_depthmix(batch, depth_model, depth_range: DepthRange, seg_model, path: P
     _image_grid(rows, path)
 
 
+INSTANCE_PALETTE_SEED = 24  # fixed: an instance id has the same colour in every figure
+INSTANCE_COLOURS = 256
+STUFF_DIMMING = 0.35  # class colours of non-instance pixels, dimmed so the instances stand out
+
+
+def colorize_instances(ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(H,W) Cityscapes instanceIds -> (H,W,3) uint8: every thing instance (id >= 1000) in its own
+    colour (a seeded random palette indexed by the id), every other pixel in its class colour,
+    dimmed; void is black."""
+    from sdeseg.data.classes import INSTANCE_DIVISOR, instance_ids_to_train_ids
+
+    ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    ids = ids.astype(np.int64)
+    out = (colorize(instance_ids_to_train_ids(ids).astype(np.uint8)) * STUFF_DIMMING).astype(np.uint8)
+    values = np.unique(ids[ids >= INSTANCE_DIVISOR])
+    if len(values):
+        palette = np.random.default_rng(INSTANCE_PALETTE_SEED).integers(64, 256, (INSTANCE_COLOURS, 3))
+        for v in values:  # neighbouring indices of one class get unrelated colours
+            out[ids == v] = palette[(v // INSTANCE_DIVISOR * 31 + v % INSTANCE_DIVISOR) % INSTANCE_COLOURS]
+    return out
+
+
+@torch.no_grad()
+def fig_instances(batch, net, grouping: dict, path: Path) -> None:
+    """Image, ground-truth and predicted instances (one colour per instance) of up to 3 images;
+    ``net`` is an instance export's network (:func:`sdeseg.exports.load_model`), ``grouping`` its
+    ``info["instance"]["grouping"]``."""
+    from sdeseg.panoptic import instances_from_outputs
+
+    pred = instances_from_outputs(net(batch.images[0]), **grouping)
+    rows = []
+    for r in range(min(3, len(batch))):
+        gt = colorize_instances(batch.instance[r]) if batch.instance is not None else None
+        rows.append([(_img(batch.images[0][r]), "image"), (gt, "ground-truth instances"),
+                     (colorize_instances(pred[r][0]), f"predicted instances ({len(pred[r][1])})")])
+    _image_grid(rows, path)
+
+
 def fig_curves(runs: Path, path: Path) -> None:
     plt = _plt()
     panels = [
@@ -173,9 +211,11 @@ def fig_curves(runs: Path, path: Path) -> None:
 
 
 def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str, seg_export: str,
-                 summary: dict, cfg: Config) -> Path:
-    """Figures + report.md under ``report_dir``; returns the path of report.md."""
-    from sdeseg.exports import load_depth_model, load_seg_model
+                 summary: dict, cfg: Config, instance_export: str | None = None) -> Path:
+    """Figures + report.md under ``report_dir``; returns the path of report.md. With
+    ``instance_export`` (an export of the instance stage) also its predicted instances, one
+    colour per instance, and its validation metrics."""
+    from sdeseg.exports import load_depth_model, load_model, load_seg_model
 
     report_dir.mkdir(parents=True, exist_ok=True)
     depth_model, depth_range = load_depth_model(sde_export)
@@ -186,6 +226,10 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
     fig_segmentation(batch, seg_model, report_dir / "segmentation.png")
     fig_depthmix(batch, depth_model, depth_range, seg_model, report_dir / "depthmix.png")
     fig_curves(runs, report_dir / "curves.png")
+    instances = load_model(instance_export) if instance_export else None
+    if instances is not None:
+        instances.require("instance")
+        fig_instances(batch, instances.net, instances.info["instance"]["grouping"], report_dir / "instances.png")
 
     lines = ["# sdeseg demo report", "", "## Summary", "", "| metric | value |", "| --- | --- |"]
     for k, v in sorted(summary.items()):
@@ -196,12 +240,20 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
         test, val = summary.get(f"test/seg/iou/{name}"), summary.get(f"seg/iou/{name}")
         if test is not None or val is not None:
             lines.append(f"| {name} | {_fmt(test)} | {_fmt(val)} |")
+    if instances is not None:
+        lines += ["", f"## Instance model ({instance_export}, step {instances.info['step']})", "",
+                  "| validation metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(instances.info["metrics"].items())
+                  if k.startswith(("seg/miou", "inst/")) and "/ap/" not in k]
     lines += ["", "## Figures", ""]
-    for name, caption in (("inputs", "Input triplets (t-1, t, t+1)"),
-                          ("depth", "Ground-truth vs predicted depth (SDE stage)"),
-                          ("segmentation", "Ground-truth labels vs predictions (semi-supervised stage)"),
-                          ("depthmix", "DepthMix: image A, image B, mask, mixed image, mixed pseudo-label"),
-                          ("curves", "Loss and metric curves")):
+    figures = [("inputs", "Input triplets (t-1, t, t+1)"),
+               ("depth", "Ground-truth vs predicted depth (SDE stage)"),
+               ("segmentation", "Ground-truth labels vs predictions (semi-supervised stage)"),
+               ("depthmix", "DepthMix: image A, image B, mask, mixed image, mixed pseudo-label"),
+               ("curves", "Loss and metric curves")]
+    if instances is not None:
+        figures.append(("instances", "Ground-truth vs predicted instances, one colour per instance (instance stage)"))
+    for name, caption in figures:
         lines += [f"### {caption}", "", f"![{caption}]({name}.png)", ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))
@@ -220,7 +272,8 @@ def print_summary_table(summary: dict, per_class: bool = False) -> None:
     """The headline metrics of ``summary`` (and, with ``per_class``, every ``.../iou/<class>``)."""
     keys = ["depth/abs_rel", "depth/abs_rel_baseline", "depth/abs_rel_ratio", "depth/a1", "depth/a1_baseline",
             "depth/rmse", "seg/miou", "seg/miou_supervised_baseline", "seg/acc", "test/depth/abs_rel",
-            "test/depth/abs_rel_baseline", "test/seg/miou", "test/seg/acc"]
+            "test/depth/abs_rel_baseline", "test/seg/miou", "test/seg/acc", "inst/ap", "inst/ap50", "inst/pq",
+            "test/inst/ap", "test/inst/ap50", "test/inst/pq"]
     if per_class:
         keys += [k for k in summary if "/iou/" in k]
     print("\n" + "=" * 46)

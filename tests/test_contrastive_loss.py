@@ -85,10 +85,10 @@ def test_swapped_prediction_targets_the_other_views_group_code():
     assert empty.item() == 0.0 and protos.grad is not None
 
 
-def test_gather_features_matches_grid_sample():
+@pytest.mark.parametrize("h, w", [(24, 32), (6, 9)])  # a finer image grid; the features' own (a plain lookup)
+def test_gather_features_matches_grid_sample(h, w):
     g = torch.Generator().manual_seed(2)
     proj = torch.randn(2, 5, 6, 9, generator=g, dtype=torch.float64)
-    h, w = 24, 32
     index = torch.randint(0, h * w, (2, 40), generator=g)
     y, x = (index // w).double(), (index % w).double()
     grid = torch.stack([(x + 0.5) / w * 2 - 1, (y + 0.5) / h * 2 - 1], dim=-1).unsqueeze(2)

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also train the supervised-only baseline (adds its time) for seg/miou_supervised_baseline")
     p.add_argument("--in-process", action="store_true", help="run stages in this process instead of on Ray")
+    p.add_argument("--instance-model", default=None,
+                   help="an instance export (sdeseg train demo_instance ...): the report also shows its instances")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to both stages, e.g. runtime.num_workers=1")
 
 
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if baseline is not None:
         summary["seg/miou_supervised_baseline"] = baseline["seg/miou"]
     report_path = write_report(out / "report", data_root, out / "runs", sde_export,
-                               seg["exports"].get("best") or seg["exports"]["last"], summary, seg_cfg)
+                               seg["exports"].get("best") or seg["exports"]["last"], summary, seg_cfg,
+                               instance_export=args.instance_model)
     times["report"] = time.perf_counter() - t0
     summary.update({f"time/{k}_s": v for k, v in times.items()})
     summary["time/total_s"] = time.perf_counter() - start

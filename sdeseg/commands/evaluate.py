@@ -1,7 +1,9 @@
 """``sdeseg eval --model EXPORT --data URL [--split val|test]``: score an export on a split.
 
 Segmentation: mIoU, per-class IoU and pixel accuracy. Depth (where the split has ground-truth
-depth): median-scaled errors and the constant-median baseline. The loop is the stages' own
+depth): median-scaled errors and the constant-median baseline. Instances (instance exports, on
+splits with instance maps): mask AP and AP50 of the thing classes and PQ, grouped with the
+export's own settings. The loop is the stages' own
 validation loop (``sdeseg.evaluate``), so ``eval`` on a run's export reproduces the numbers the
 run reported for the same split. Prints a table and writes a JSON file.
 """
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="export: <run>/export/best.pt, or a .safetensors of sdeseg export")
     p.add_argument("--data", required=True, help="shard dataset (directory or URL with manifest.parquet)")
     p.add_argument("--split", default="val", help="split to evaluate (default val; claims: test)")
-    p.add_argument("--task", choices=["seg", "depth"], action="append", default=None,
+    p.add_argument("--task", choices=["seg", "depth", "instance"], action="append", default=None,
                    help="evaluate only this task (repeatable; default: every task the export predicts)")
     p.add_argument("--domain", default=None, help="only samples of this domain")
     p.add_argument("--batch-size", type=int, default=8)
@@ -26,15 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def evaluate_export(model_path: str, data: str, split: str = "val", tasks=None, domain: str | None = None,
                     batch_size: int = 8) -> dict[str, float]:
-    """Flat metrics of an export on a split (``seg/...``, ``depth/...``), as the stages report them."""
+    """Flat metrics of an export on a split (``seg/...``, ``depth/...``, ``inst/...``), as the
+    stages report them."""
     import torch
 
     from sdeseg.data.classes import IGNORE_INDEX
     from sdeseg.data.manifest import DatasetError
     from sdeseg.data.reader import ValLoader
-    from sdeseg.evaluate import accumulate, depth_summary, seg_summary
+    from sdeseg.evaluate import accumulate, accumulate_instances, depth_summary, instance_summary, seg_summary
     from sdeseg.exports import load_model
-    from sdeseg.metrics import DepthMetric, SegmentationMetric
+    from sdeseg.metrics import DepthMetric, MaskAP, PanopticQuality, SegmentationMetric
 
     model = load_model(model_path)
     tasks = list(tasks or model.tasks)
@@ -43,7 +46,13 @@ def evaluate_export(model_path: str, data: str, split: str = "val", tasks=None, 
     loader = ValLoader(data, split, batch_size=batch_size, domain=domain, frames=(0,))
     seg = SegmentationMetric(model.model_config.num_classes, IGNORE_INDEX) if "seg" in tasks else None
     depth = (DepthMetric(), DepthMetric()) if "depth" in tasks else None
-    accumulate(model.net, loader, torch.device("cpu"), seg=seg, depth=depth, depth_range=model.depth_range)
+    mask_ap = pq = None
+    if "instance" in tasks:  # one pass for the semantic and the instance metrics
+        mask_ap, pq = MaskAP(), PanopticQuality(model.model_config.num_classes)
+        accumulate_instances(model.net, loader, torch.device("cpu"), model.info["instance"]["grouping"], seg=seg,
+                             mask_ap=mask_ap, pq=pq)
+    else:
+        accumulate(model.net, loader, torch.device("cpu"), seg=seg, depth=depth, depth_range=model.depth_range)
     metrics: dict[str, float] = {}
     if seg is not None:
         if int(seg.confusion.sum()) == 0:
@@ -53,6 +62,10 @@ def evaluate_export(model_path: str, data: str, split: str = "val", tasks=None, 
         if float(depth[0].sums[-1]) == 0:
             raise DatasetError(f"{data}: split {split!r} has no ground-truth depth to evaluate depth on")
         metrics.update(depth_summary(*depth))
+    if mask_ap is not None:
+        if not mask_ap.images:
+            raise DatasetError(f"{data}: split {split!r} has no instance maps (instance.png) to evaluate instances on")
+        metrics.update(instance_summary(mask_ap, pq))
     metrics["samples"] = loader.num_samples
     return metrics
 

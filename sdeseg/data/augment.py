@@ -118,12 +118,14 @@ def apply_geometric(sample: dict[str, Any], geo: Geometric) -> dict[str, Any]:
 
     Args:
         sample: ``{"key", "meta", "frames": {fid: (H,W,3) uint8}, "label": (H,W) uint8 | None,
-            "depth": (H,W) float32 | None}``; ``meta["K"]`` (3,3), optional ``meta["T_prev"]``,
-            ``meta["T_next"]`` (4,4).
+            "depth": (H,W) float32 | None, "instance": (H,W) int32 | None (optional key)}``;
+            ``meta["K"]`` (3,3), optional ``meta["T_prev"]``, ``meta["T_next"]`` (4,4).
 
     Returns:
         ``{"key", "frames": {fid: (h,w,3) uint8}, "label": (h,w) | None, "depth": (h,w) | None,
-        "K": (3,3) float64, "T": {-1: (4,4), 1: (4,4)} (those present)}``. Arrays may be views.
+        "instance": (h,w) | None, "K": (3,3) float64, "T": {-1: (4,4), 1: (4,4)} (those present)}``.
+        Arrays may be views. Label and instance map are cut like the frames: nearest sampling,
+        ids are never interpolated.
     """
     ys = slice(geo.y0, geo.y0 + geo.height)
     xs = slice(geo.x0, geo.x0 + geo.width)
@@ -145,6 +147,7 @@ def apply_geometric(sample: dict[str, Any], geo: Geometric) -> dict[str, Any]:
         "frames": {fid: cut(img) for fid, img in sample["frames"].items()},
         "label": cut(sample["label"]),
         "depth": cut(sample["depth"]),
+        "instance": cut(sample.get("instance")),
         "K": K,
         "T": T,
     }
@@ -349,7 +352,8 @@ def augment_sample(
 
     Returns ``{"key", "images": {fid: (3,h,w) uint8}, "images_aug": {fid: (3,h,w) uint8} | None
     (None: no jitter), "K": (3,3), "label": (h,w) int64 | None, "depth": (1,h,w) | None,
-    "T": {fid: (4,4)}, "geometry": (5,) int64 = (y0, x0, h, w, flip)}`` (K, depth, T float32).
+    "instance": (h,w) int64 | None, "T": {fid: (4,4)}, "geometry": (5,) int64 = (y0, x0, h, w,
+    flip)}`` (K, depth, T float32).
     """
     h, w = sample["frames"][0].shape[:2]
     geo = draw_geometric(h, w, crop, augment, rng)
@@ -361,8 +365,7 @@ def augment_sample(
     aug = None
     if not jit.identity:
         aug = color_jitter(to_float(stacked), jit).mul_(255.0).round_().to(torch.uint8)
-    label = out["label"]
-    depth = out["depth"]
+    label, depth, instance = out["label"], out["depth"], out["instance"]
     return {
         "key": out["key"],
         "images": dict(zip(frames, stacked.unbind(0))),
@@ -370,6 +373,7 @@ def augment_sample(
         "K": torch.from_numpy(out["K"]).float(),
         "label": None if label is None else torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
         "depth": None if depth is None else _tensor(depth).float().unsqueeze(0),
+        "instance": None if instance is None else torch.from_numpy(np.ascontiguousarray(instance, dtype=np.int64)),
         "T": {fid: torch.from_numpy(t).float() for fid, t in out["T"].items() if fid in frames},
         "geometry": torch.tensor([geo.y0, geo.x0, geo.height, geo.width, int(geo.flip)], dtype=torch.int64),
     }

@@ -22,6 +22,9 @@ class Batch:
     T: frame id -> (B,4,4) ground-truth transform from frame 0's camera to that frame's; None when absent.
     geometry: (B,5) int64 ``(y0, x0, h, w, flip)`` of each sample's crop and flip in its source
         image (``sdeseg.data.augment.apply_geometry`` aligns maps of the full image with it).
+    instance: (B,H,W) int64 Cityscapes instanceIds (``instance.png``, cropped and flipped with
+        the label), 0 ("unlabeled", void) for samples without a map; None when no sample has one
+        (and in unlabeled streams, which drop it with the label).
     """
 
     keys: list[str]
@@ -33,6 +36,7 @@ class Batch:
     depth: torch.Tensor | None = None
     T: dict[int, torch.Tensor] | None = None
     geometry: torch.Tensor | None = None
+    instance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -159,10 +159,11 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
     """Raw tar members -> numpy sample.
 
     Returns ``{"key", "meta", "frames": {fid: (H,W,3) uint8}, "label": (H,W) uint8 | None,
-    "depth": (H,W) float32 | None}``. Raises SampleError naming the key and member when a
-    member is missing or undecodable, or disagrees with the contract: json without a finite
-    3x3 ``K``, ``T_prev``/``T_next`` present but not finite 4x4, a neighbour frame, label or
-    depth of another size than the cur frame.
+    "depth": (H,W) float32 | None, "instance": (H,W) int32 Cityscapes instanceIds | None}``.
+    Raises SampleError naming the key and member when a member is missing or undecodable, or
+    disagrees with the contract: json without a finite 3x3 ``K``, ``T_prev``/``T_next`` present
+    but not finite 4x4, a neighbour frame, label, depth or instance map of another size than
+    the cur frame.
     """
     key = members.get("__key__", "?")
     if "json" not in members:
@@ -178,7 +179,7 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
     _check_matrix(meta, "K", 3, key, required=True)
     _check_matrix(meta, "T_prev", 4, key)
     _check_matrix(meta, "T_next", 4, key)
-    out: dict[str, Any] = {"key": key, "meta": meta, "frames": {}, "label": None, "depth": None}
+    out: dict[str, Any] = {"key": key, "meta": meta, "frames": {}, "label": None, "depth": None, "instance": None}
     decoded_from: dict[int, str] = {}  # frame id -> member name, for messages
     for fid in frames:
         name = FRAME_NAMES[fid]
@@ -215,6 +216,13 @@ def decode_sample(members: dict[str, Any], frames: tuple[int, ...] = (-1, 0, 1))
             raise SampleError(f"{key}: cannot decode depth.npy ({type(e).__name__}: {e})") from e
         if out["depth"].shape != (h, w):
             raise SampleError(f"{key}: depth.npy is {out['depth'].shape}, frame is {(h, w)}")
+    if INSTANCE_MEMBER in members:
+        try:
+            out["instance"] = decode_instance(members[INSTANCE_MEMBER])
+        except SampleError as e:
+            raise SampleError(f"{key}: {e}") from None
+        if out["instance"].shape != (h, w):
+            raise SampleError(f"{key}: {INSTANCE_MEMBER} is {out['instance'].shape}, frame is {(h, w)}")
     return out
 
 

@@ -15,18 +15,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from sdeseg.data.codec import decode_image
+from sdeseg.data.codec import decode_image, decode_instance
 from sdeseg.data.manifest import DatasetError, join
 from sdeseg.data.shardio import ShardIndex, scan_shard
 
 
 def decode_member(name: str, data: bytes) -> np.ndarray:
-    """A derived member's array: ``.npy`` loaded (no pickle), ``.png`` decoded."""
+    """A derived member's array: ``.npy`` loaded (no pickle), ``.png`` decoded (a 16-bit
+    grayscale PNG, e.g. ``regions.png``, as (H,W) int32)."""
     if name.endswith(".npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
     if name.endswith(".png"):
-        return decode_image(data)
+        with Image.open(io.BytesIO(data)) as img:
+            sixteen_bit = img.mode in ("I;16", "I")
+        return decode_instance(data) if sixteen_bit else decode_image(data)
     raise ValueError(f"unknown derived member type {name!r}")
 
 

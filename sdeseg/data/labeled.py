@@ -154,7 +154,8 @@ class LabeledPool:
         augment: crop/flip/jitter settings (None: centred crop, nothing else).
         seed: base seed. frames: frame ids per sample ((0,) for segmentation).
 
-    Batches: images (B,3,h,w) per frame, K/inv_K (B,3,3), label (B,h,w) int64, depth/T when stored.
+    Batches: images (B,3,h,w) per frame, K/inv_K (B,3,3), label (B,h,w) int64, depth/T and
+    instance maps when stored.
     """
 
     def __init__(
@@ -191,15 +192,18 @@ class LabeledPool:
         fs = fsspec.core.url_to_fs(self.root)[0]
         members: dict[str, dict[str, Any]] = {}
         self._max_label = -1
+        self._with_instance = 0
         for shard, wanted in selection.items():
             try:
                 for _, m in scan_shard(self.root, shard, index.shard_keys[shard], wanted, fs=fs):
                     try:
-                        label = decode_members(m, self.frames)["label"]
+                        decoded = decode_members(m, self.frames)
                     except SampleError as e:
                         where = join(self.root, shard)
                         raise DatasetError(f"labeled sample in {where} is corrupt: {e}") from e
                     members[m["__key__"]] = m
+                    label = decoded["label"]
+                    self._with_instance += decoded["instance"] is not None
                     if label is not None and (label != IGNORE_INDEX).any():
                         self._max_label = max(self._max_label, int(label[label != IGNORE_INDEX].max()))
             except BrokenShard as e:
@@ -213,6 +217,10 @@ class LabeledPool:
     def max_label(self) -> int:
         """Largest class id (ignore excluded) in the pool's labels; -1 when all are ignore."""
         return self._max_label
+
+    def instance_count(self) -> int:
+        """Samples of the pool that carry an instance map (``instance.png``)."""
+        return self._with_instance
 
     def __len__(self) -> int:
         """Number of labeled samples in the pool."""

@@ -351,7 +351,9 @@ class ShardStream:
         epochs: stop after this many epochs (counted from 0); None: endless.
 
     Batches: ``sdeseg.data.batch.Batch`` with images (B,3,h,w) per frame, K/inv_K (B,3,3),
-    label (B,h,w) int64 or None, depth (B,1,h,w) or None, T {-1, 1: (B,4,4)} or None.
+    label (B,h,w) int64 or None, depth (B,1,h,w) or None, instance (B,h,w) int64 or None
+    (cropped and flipped with the label; dropped with it when ``labels=False``),
+    T {-1, 1: (B,4,4)} or None.
     """
 
     def __init__(
@@ -495,7 +497,8 @@ class ValLoader:
     batches per rank. Corrupt samples are skipped and counted like in ``ShardStream``.
 
     Batches: images (B,3,H,W) per frame in ``frames`` (no augmentation, ``images_aug`` is
-    ``images``), K/inv_K (B,3,3), label (B,H,W) int64 or None, depth (B,1,H,W) or None.
+    ``images``), K/inv_K (B,3,3), label (B,H,W) int64 or None, depth (B,1,H,W) or None,
+    instance (B,H,W) int64 Cityscapes instanceIds or None.
     """
 
     def __init__(

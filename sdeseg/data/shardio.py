@@ -23,7 +23,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from sdeseg.data.augment import to_float
 from sdeseg.data.batch import Batch
 from sdeseg.data.classes import IGNORE_INDEX
-from sdeseg.data.codec import FRAME_NAMES, SampleError, decode_sample
+from sdeseg.data.codec import FRAME_NAMES, INSTANCE_MEMBER, SampleError, decode_sample
 from sdeseg.data.manifest import DatasetError, join, read_manifest
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,11 @@ def scan_shard(
 def decode_members(members: dict[str, Any], frames: tuple[int, ...], labels: bool = True) -> dict[str, Any]:
     """``decode_sample`` that insists on every requested frame (a batch needs all of them).
 
-    ``labels=False`` drops ``label.png`` before decoding (unlabeled streams never see labels).
+    ``labels=False`` drops ``label.png`` and ``instance.png`` before decoding (unlabeled streams
+    never see labels).
     """
-    if not labels and "label.png" in members:
-        members = {k: v for k, v in members.items() if k != "label.png"}
+    if not labels and ("label.png" in members or INSTANCE_MEMBER in members):
+        members = {k: v for k, v in members.items() if k not in ("label.png", INSTANCE_MEMBER)}
     sample = decode_sample(members, frames)
     absent = [fid for fid in frames if fid not in sample["frames"]]
     if absent:
@@ -267,8 +268,10 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
     Shapes: images/images_aug {fid: (B,3,H,W)} float32 in [0,1] (uint8 with ``as_float=False``;
     see :func:`batch_to_float`), K/inv_K (B,3,3), label (B,H,W) int64 with 255 for unlabeled
     samples (None when no sample has one), depth (B,1,H,W) with 0 where a sample has none
-    (None when none has), T {fid: (B,4,4)} only when every sample has it, geometry (B,5) the
-    crop and flip of each sample (``augment.apply_geometry``) when every sample records it.
+    (None when none has), instance (B,H,W) int64 Cityscapes instanceIds with 0 ("unlabeled")
+    for samples without a map (None when none has), T {fid: (B,4,4)} only when every sample
+    has it, geometry (B,5) the crop and flip of each sample (``augment.apply_geometry``) when
+    every sample records it.
     """
     images = {fid: torch.stack([s["images"][fid] for s in samples]) for fid in frames}
     if all(s["images_aug"] is None for s in samples):
@@ -289,6 +292,10 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
     depth = None
     if any(s["depth"] is not None for s in samples):
         depth = torch.stack([s["depth"] if s["depth"] is not None else torch.zeros(1, h, w) for s in samples])
+    instance = None
+    if any(s.get("instance") is not None for s in samples):
+        instance = torch.stack([s["instance"] if s.get("instance") is not None
+                                else torch.zeros(h, w, dtype=torch.int64) for s in samples])
     T = None
     neighbours = [fid for fid in frames if fid != 0]
     if neighbours and all(fid in s["T"] for s in samples for fid in neighbours):
@@ -298,7 +305,7 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
         geometry = torch.stack([s["geometry"] for s in samples])
     batch = Batch(
         keys=[s["key"] for s in samples], images=images, images_aug=images_aug, K=K, inv_K=inv_K,
-        label=label, depth=depth, T=T, geometry=geometry,
+        label=label, depth=depth, T=T, geometry=geometry, instance=instance,
     )
     return batch_to_float(batch) if as_float else batch
 

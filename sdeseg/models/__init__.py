@@ -7,6 +7,7 @@ from the config; :class:`DepthRange` reads the disparity heads as metric depth.
 """
 
 from sdeseg.models.build import (
+    build_contrastive_model,
     build_depth_model,
     build_encoder,
     build_instance_model,
@@ -15,10 +16,11 @@ from sdeseg.models.build import (
     build_sde_model,
     build_seg_model,
 )
+from sdeseg.models.contrastive import ContrastiveModel, ProjectionDecoder, ProjectionHead
 from sdeseg.models.depth_decoder import DecoderBody, DepthDecoder, DepthRange
 from sdeseg.models.ema import EMATeacher, ema_alpha
 from sdeseg.models.fusion import DepthFusion, FeatureFusion
-from sdeseg.models.instance import InstanceHead, InstanceModel
+from sdeseg.models.instance import DepthGuidedInstanceNet, InstanceHead, InstanceModel, depth_features
 from sdeseg.models.multitask import FeatureExchange, MultiTaskModel
 from sdeseg.models.pose import PoseNet, rot_from_axisangle, transformation_from_parameters
 from sdeseg.models.resnet import (
@@ -32,9 +34,11 @@ from sdeseg.models.sde import DepthModel, SDEModel
 from sdeseg.models.seg import SegDecoder, SegModel, TransferReport, transfer_from_sde
 
 __all__ = [
+    "ContrastiveModel",
     "DecoderBody",
     "DepthDecoder",
     "DepthFusion",
+    "DepthGuidedInstanceNet",
     "DepthModel",
     "DepthRange",
     "EMATeacher",
@@ -45,12 +49,15 @@ __all__ = [
     "MultiTaskModel",
     "PoseNet",
     "PretrainedMismatchError",
+    "ProjectionDecoder",
+    "ProjectionHead",
     "ResNet",
     "ResNetEncoder",
     "SDEModel",
     "SegDecoder",
     "SegModel",
     "TransferReport",
+    "build_contrastive_model",
     "build_depth_model",
     "build_encoder",
     "build_instance_model",
@@ -58,6 +65,7 @@ __all__ = [
     "build_pose_net",
     "build_sde_model",
     "build_seg_model",
+    "depth_features",
     "ema_alpha",
     "frozen_imagenet_encoder",
     "load_pretrained",

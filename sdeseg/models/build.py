@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 
 from sdeseg.config import ModelConfig
+from sdeseg.models.contrastive import ContrastiveModel, ProjectionDecoder
 from sdeseg.models.depth_decoder import DepthDecoder
 from sdeseg.models.fusion import DepthFusion
 from sdeseg.models.instance import InstanceHead, InstanceModel
@@ -103,3 +104,12 @@ def build_instance_model(
         fusion = DepthFusion(enc.num_ch_enc, depth_channels, fusion_stages)
     decoder = build_seg_decoder(cfg, enc)
     return InstanceModel(enc, decoder, InstanceHead(decoder.body.channels[0]), fusion)
+
+
+def build_contrastive_model(cfg: ModelConfig, dim: int, hidden: int, num_prototypes: int) -> ContrastiveModel:
+    """The contrastive pretraining network (seed 003): the segmentation model's encoder and decoder
+    body, a projection head of ``hidden`` channels to ``dim`` and ``num_prototypes`` prototypes."""
+    enc = build_encoder(cfg)
+    decoder = ProjectionDecoder(enc.num_ch_enc, cfg.decoder_channels, dim, hidden, aspp=cfg.aspp,
+                                output_stride=enc.output_stride)
+    return ContrastiveModel(enc, decoder, num_prototypes)

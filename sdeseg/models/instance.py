@@ -107,3 +107,44 @@ class InstanceModel(nn.Module):
         out.update(self.head(out[("feat", 0)]))
         out.update({("enc", k): f for k, f in enumerate(feats)})
         return out
+
+
+@torch.no_grad()
+def depth_features(depth_encoder: ResNetEncoder, images: torch.Tensor, scale: float = 1.0) -> list[torch.Tensor]:
+    """The frozen depth encoder's 5 maps of ``images`` (B,3,H,W) in [0, 1], times ``scale`` (the
+    Depth Controller's ramp of the depth input; 0 gives all-zero maps, the RGB-only input)."""
+    feats = depth_encoder(images)
+    return feats if scale == 1.0 else [f * scale for f in feats]
+
+
+class DepthGuidedInstanceNet(nn.Module):
+    """An :class:`InstanceModel` and, when it fuses depth, the frozen depth encoder that feeds it.
+
+    ``forward(images)`` with ``images`` (B,3,H,W) in [0, 1] (or ``{0: x}``) returns the instance
+    model's outputs; the depth maps come from the same images, times ``depth_scale``. Wraps the
+    modules given (no copy): the stages validate their student and teacher through it, and
+    ``sdeseg.exports.load_model`` builds one from an instance export. The depth encoder stays in
+    eval mode whatever ``train()`` is called with (its BatchNorm statistics are frozen too).
+    """
+
+    def __init__(
+        self, model: InstanceModel, depth_encoder: ResNetEncoder | None = None, depth_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        if (model.fusion is None) != (depth_encoder is None):
+            raise ValueError("DepthGuidedInstanceNet: a depth encoder is needed exactly when the model fuses depth")
+        self.model = model
+        self.depth_encoder = depth_encoder
+        self.depth_scale = float(depth_scale)
+        self.train(model.training)
+
+    def train(self, mode: bool = True) -> DepthGuidedInstanceNet:
+        super().train(mode)
+        if self.depth_encoder is not None:
+            self.depth_encoder.eval()
+        return self
+
+    def forward(self, images: Frames | torch.Tensor) -> dict[tuple, torch.Tensor]:
+        image = as_frames(images)[0]
+        feats = None if self.depth_encoder is None else depth_features(self.depth_encoder, image, self.depth_scale)
+        return self.model(image, feats)

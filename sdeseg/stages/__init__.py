@@ -12,6 +12,8 @@ STAGES = {
     "select": "sdeseg.stages.select",
     "ssda": "sdeseg.stages.ssda",
     "selftrain": "sdeseg.stages.selftrain",
+    "contrastive": "sdeseg.stages.contrastive",
+    "instance": "sdeseg.stages.instance",
 }
 
 

@@ -7,8 +7,9 @@ SDE model or the multi-task network, ClassMix, or not at all), strongly augmente
 trained against the mixed teacher probabilities, weighted by the fraction of confident
 pixels. With the multi-task model the photometric loss on unlabeled sequences stays on.
 After the optimizer step the EMA teacher follows the student once. The student is
-initialised from the SDE export (encoder + decoder, and the pose net of a multi-task
-model) when ``semiseg.transfer``.
+initialised (``semiseg.init_from``) from the SDE export (encoder + decoder, and the pose net of
+a multi-task model; the default), from a contrastive pretraining export (encoder + decoder body,
+``semiseg.init_checkpoint``), from ImageNet weights (``model.pretrained``) or from scratch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sdeseg.data.classes import class_names
 from sdeseg.data.labeled import check_labeled_keys, labeled_keys_for
 from sdeseg.data.shardio import ShardIndex
 from sdeseg.evaluate import accumulate, seg_summary
-from sdeseg.exports import load_depth_model, read_export
+from sdeseg.exports import load_depth_model, read_export, read_init_export
 from sdeseg.losses.depth import sde_loss
 from sdeseg.losses.seg import pseudo_label_seg_loss, supervised_seg_loss
 from sdeseg.metrics import SegmentationMetric
@@ -162,8 +163,13 @@ def preflight(cfg: Config) -> None:
     transfer, pseudo_depth = needs_sde_export(cfg)
     if (transfer or pseudo_depth) and not s.sde_checkpoint:
         raise ConfigError("semiseg.sde_checkpoint: transfer / DepthMix with pseudo depth need an SDE export "
-                          "(<sde run dir>/export/best.pt); or set semiseg.transfer=false and semiseg.mix=none "
-                          "(or semiseg.mix_depth=ground_truth)")
+                          "(<sde run dir>/export/best.pt); or set semiseg.init_from=scratch|imagenet|contrastive "
+                          "and semiseg.mix=none (or semiseg.mix_depth=ground_truth)")
+    if s.init_from == "contrastive":
+        if not s.init_checkpoint:
+            raise ConfigError("semiseg.init_checkpoint: init_from=contrastive needs the contrastive stage's export "
+                              "(<contrastive run dir>/export/last.pt)")
+        read_init_export(s.init_checkpoint, "contrastive", cfg.model, "semiseg.init_checkpoint")
     if transfer or pseudo_depth:
         export = read_export(s.sde_checkpoint, "sde")
         mapping = DepthRange.from_dict(export["depth_range"]).mapping
@@ -181,9 +187,13 @@ def check_labels(cfg: Config, pool) -> None:
 
 
 def build_models(cfg: Config, ctx: StageContext):
-    """Student (transferred from the SDE export when configured) and the frozen pseudo-depth network."""
+    """Student (initialised as ``semiseg.init_from`` says) and the frozen pseudo-depth network."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_seg_model(cfg.model)
+    model = build_seg_model(cfg.model)  # ImageNet weights in the encoder when model.pretrained is set
+    if cfg.semiseg.init_from == "contrastive":  # encoder + decoder body; heads (and a pose net) start fresh
+        report = transfer_from_sde(model, read_export(cfg.semiseg.init_checkpoint, "contrastive")["model"])
+        ctx.log(0, {"transfer/loaded": len(report.loaded), "transfer/initialised": len(report.initialised)},
+                kind="event")
     transfer, pseudo_depth = needs_sde_export(cfg)
     export = read_export(cfg.semiseg.sde_checkpoint, "sde") if transfer or pseudo_depth else None
     if transfer:
