@@ -33,19 +33,32 @@ def _cfg(root, regions, *extra):
 
 @pytest.fixture(scope="module")
 def regions(synthetic_root, sde_export, tmp_path_factory):
-    """Regions + SDE depth of the 24 training images; the first write's report."""
+    """Depth regions + SDE depth of the 24 training images; the first write's report. (The 2-step
+    SDE export's depth is nearly one plane: one region per image.)"""
     out = str(tmp_path_factory.mktemp("regions") / "regions")
     report = infer_dataset(sde_export, synthetic_root, out, outputs=("depth", "regions"), split="train")
     return out, report
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_root, regions, tmp_path_factory):
+def colour_regions(synthetic_root, sde_export, tmp_path_factory):
+    """Colour regions (many per image, so pastes happen) + SDE depth of the training images."""
+    out = str(tmp_path_factory.mktemp("colour_regions") / "regions")
+    infer_dataset(sde_export, synthetic_root, out, outputs=("depth", "regions"), split="train", regions="colour")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root, colour_regions, tmp_path_factory):
     """A 3-step run, and one stopped after 2 steps then resumed to 3."""
     a, b = tmp_path_factory.mktemp("cpc_a"), tmp_path_factory.mktemp("cpc_b")
-    full = run_in_process(_cfg(synthetic_root, regions[0], "train.steps=3"), a)
-    run_in_process(_cfg(synthetic_root, regions[0], "train.steps=2"), b)
-    resumed = run_in_process(_cfg(synthetic_root, regions[0], "train.steps=3"), b)
+
+    def cfg(*extra):
+        return _cfg(synthetic_root, colour_regions, "contrastive.regions=colour", *extra)
+
+    full = run_in_process(cfg("train.steps=3"), a)
+    run_in_process(cfg("train.steps=2"), b)
+    resumed = run_in_process(cfg("train.steps=3"), b)
     return full, resumed, a, b
 
 
@@ -70,6 +83,23 @@ def test_regions_are_a_derived_dataset_of_the_sde_depth_joined_by_key(synthetic_
     assert np.array_equal(ids, expected)
 
 
+def test_a_group_is_pasted_into_two_views_of_shared_identities(synthetic_root, colour_regions):
+    from sdeseg.data.reader import make_loader
+    from sdeseg.stages.contrastive import group_maps, make_views
+
+    cfg = _cfg(synthetic_root, colour_regions, "contrastive.regions=colour", "data.batch_size=4")
+    batch = next(iter(make_loader(cfg.data, frames=(0,), labels=False, seed=1)))
+    assert batch.label is None  # the training stream never reads labels
+    depth, ids = group_maps(DerivedDataset(colour_regions), batch)
+    assert depth.shape == ids.shape == (4, 32, 64) and bool((depth > 0).all())
+    views = make_views(batch.images[0], depth, ids, cfg, torch.Generator().manual_seed(0))
+    (img_a, region_a, pixel_a), (img_b, region_b, pixel_b) = views
+    assert img_a.shape == img_b.shape == (4, 3, 32, 64)
+    copies = [int((torch.unique(p, return_counts=True)[1] > 1).sum()) for p in (pixel_a, pixel_b)]
+    assert 0 < copies[0] < copies[1]  # pasted pixels: twice as many pastes in view 2
+    assert set(region_b.unique().tolist()) & set(region_a.unique().tolist())
+
+
 def test_the_stage_trains_without_labels_and_reports_unsupervised_miou(trained):
     full, _, a, _ = trained
     assert full["steps"] == 3 and 0.0 <= full["unsup/miou"] <= 1.0 and "unsup/iou/road" in full
@@ -80,7 +110,7 @@ def test_the_stage_trains_without_labels_and_reports_unsupervised_miou(trained):
     assert all(np.isfinite(r["contrast/pixel"]) and r["contrast/region"] > 0 and r["contrast/region_groups"] > 0
                for r in train)
     export = read_export(a / "export" / "last.pt", "contrastive")
-    assert export["model"]["prototypes"].shape == (24, 16) and export["contrastive"]["regions"] == "depth"
+    assert export["model"]["prototypes"].shape == (24, 16) and export["contrastive"]["regions"] == "colour"
 
 
 def test_the_stage_resumes_exactly(trained):
@@ -128,6 +158,7 @@ def test_config_errors_name_the_key_before_workers_start(synthetic_root, sde_exp
         preflight(tiny_config("demo_contrastive", synthetic_root, *STAGE))
     with pytest.raises(ConfigError, match="contrastive.regions: 'colour' but .* holds 'depth'"):
         preflight(_cfg(synthetic_root, root, "contrastive.regions=colour"))
+    preflight(_cfg(synthetic_root, root))  # the dataset fits
     partial = tmp_path / "partial"
     shutil.copytree(root, partial)
     rows = pq.read_table(partial / "manifest.parquet").to_pylist()
