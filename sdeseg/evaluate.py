@@ -23,6 +23,24 @@ from sdeseg.models import DepthRange
 from sdeseg.panoptic import instances_from_outputs
 
 
+def _outputs(model: torch.nn.Module, batches: Iterable, device: torch.device,
+             wanted: Callable[[object], bool], autocast: Callable[[], contextlib.AbstractContextManager]):
+    """Yield ``(batch, model outputs)`` for every batch ``wanted(batch)`` accepts (on ``device``),
+    the model in eval mode; its previous mode is restored at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if not wanted(batch):
+                continue
+            batch = batch.to(device)
+            with autocast():
+                out = model(batch.images[0])
+            yield batch, out
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def accumulate(
     model: torch.nn.Module,
@@ -40,23 +58,19 @@ def accumulate(
     metric. The model is evaluated in eval mode and put back in its previous mode."""
     if depth is not None and depth_range is None:
         raise ValueError("accumulate: depth metrics need the model's DepthRange")
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        want_seg = seg is not None and batch.label is not None
-        want_depth = depth is not None and batch.depth is not None
-        if not (want_seg or want_depth):
-            continue
-        batch = batch.to(device)
-        with autocast():
-            out = model(batch.images[0])
-        if want_seg:
+    def want_seg(b):
+        return seg is not None and b.label is not None
+
+    def want_depth(b):
+        return depth is not None and b.depth is not None
+
+    for batch, out in _outputs(model, batches, device, lambda b: want_seg(b) or want_depth(b), autocast):
+        if want_seg(batch):
             seg.update(out[("seg", 0)].argmax(1), batch.label)
-        if want_depth:
+        if want_depth(batch):
             gt = batch.depth.cpu()
             depth[0].update(depth_range.depth(out[("disp", 0)]).cpu(), gt)
             depth[1].update(torch.ones_like(gt), gt)
-    model.train(was_training)
 
 
 def seg_summary(metric: SegmentationMetric, prefix: str = "seg") -> dict[str, float]:
@@ -98,19 +112,16 @@ def accumulate_instances(
     :class:`sdeseg.models.DepthGuidedInstanceNet`). A sample whose instance map is all 0
     (it has no ``instance.png``) is left out of AP and PQ. Eval mode, as :func:`accumulate`.
     """
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        want_seg = seg is not None and batch.label is not None
-        want_inst = (mask_ap is not None or pq is not None) and batch.instance is not None
-        if not (want_seg or want_inst):
-            continue
-        batch = batch.to(device)
-        with autocast():
-            out = model(batch.images[0])
-        if want_seg:
+    def want_seg(b):
+        return seg is not None and b.label is not None
+
+    def want_inst(b):
+        return (mask_ap is not None or pq is not None) and b.instance is not None
+
+    for batch, out in _outputs(model, batches, device, lambda b: want_seg(b) or want_inst(b), autocast):
+        if want_seg(batch):
             seg.update(out[("seg", 0)].argmax(1), batch.label)
-        if want_inst:
+        if want_inst(batch):
             for (ids, scores), target in zip(instances_from_outputs(out, **grouping), batch.instance.cpu()):
                 if not bool((target != 0).any()):
                     continue
@@ -118,7 +129,6 @@ def accumulate_instances(
                     mask_ap.update(ids.cpu(), scores, target)
                 if pq is not None:
                     pq.update(ids.cpu(), target)
-    model.train(was_training)
 
 
 def instance_summary(mask_ap: MaskAP, pq: PanopticQuality, prefix: str = "inst") -> dict[str, float]:

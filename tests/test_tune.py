@@ -104,11 +104,11 @@ def _env(**extra) -> dict:
 
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, synthetic_root):
-    """24-step trials, validated every 2 steps, ASHA milestones at 2, 4, 8, 16: a trial that trails
+    """16-step trials, validated every 2 steps, ASHA milestones at 2, 4, 8: a trial that trails
     is stopped there, its run never ends (no summary.json), while the others train to the end."""
     base = yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
-    search = _search(tmp_path, synthetic_root, overrides=base + ["train.steps=24", "train.ckpt_every=12"],
-                     scheduler={"name": "asha", "grace_period": 2, "max_t": 24, "reduction_factor": 2})
+    search = _search(tmp_path, synthetic_root, overrides=base + ["train.steps=16", "train.ckpt_every=8"],
+                     scheduler={"name": "asha", "grace_period": 2, "max_t": 16, "reduction_factor": 2})
     out = tmp_path / "out"
     done = subprocess.run(_tune_cmd(search, out), env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,10 +116,10 @@ def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, syn
     assert len(rows) == 4
     assert sorted(json.loads(r["param/optim.lr"]) for r in rows) == [1e-12, 1e-12, 3e-2, 3e-2]
     stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert stopped and all(r["steps_done"] < 24 for r in stopped)  # (the tiny model's mIoU is noisy: any may trail)
+    assert stopped and all(r["steps_done"] < 16 for r in stopped)  # (the tiny model's mIoU is noisy: any may trail)
     assert not any((Path(r["run_dir"]) / "summary.json").exists() for r in stopped)
     completed = [r for r in rows if r["status"] == "completed"]
-    assert completed and all(r["steps"] == list(range(2, 25, 2)) and len(r["values"]) == 12 for r in completed)
+    assert completed and all(r["steps"] == list(range(2, 17, 2)) and len(r["values"]) == 8 for r in completed)
     best = json.loads((out / "best.json").read_text())
     assert best["final"] == max(r["final"] for r in rows) and best["trial_id"] in {r["trial_id"] for r in rows}
     assert (out / "curves.png").stat().st_size > 5000 and "| trial |" in (out / "summary.md").read_text()
@@ -127,11 +127,12 @@ def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, syn
 
 @pytest.mark.slow
 def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, synthetic_root):
-    """FIFO grid of 3 trials of 6 steps, 2 at a time; every trial's worker dies once at step 3 (it
-    resumes from its step-2 checkpoint); the driver gets SIGINT once one trial has finished, and
-    the same command then finishes the search without running that trial again."""
+    """FIFO grid of 2 trials of 6 steps, one at a time; every trial's worker dies once at step 3 (it
+    resumes from its step-2 checkpoint); the driver gets SIGINT once the first trial has finished,
+    and the same command then finishes the search without running that trial again (the trial the
+    SIGINT cut resumes from its newest checkpoint, or starts again if it had none)."""
     search = _search(tmp_path, synthetic_root, scheduler={"name": "fifo"},
-                     space={"optim.lr": {"grid": [3e-2, 1e-12, 3e-2]}},
+                     space={"optim.lr": {"grid": [3e-2, 1e-12]}}, max_concurrent=1,
                      overrides=yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
                      + ["train.steps=6"])
     out = tmp_path / "out"
@@ -145,20 +146,23 @@ def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_che
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(1)
     finished = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
-    assert finished
+    assert len(finished) == 1  # the second trial is cut: the search really resumes
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=300)
     again = subprocess.run(_tune_cmd(search, out), env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(rows) == 3 and all(r["status"] == "completed" and r["steps_done"] == 6 for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["steps_done"] == 6 for r in rows), rows
     for trial, mtime in finished.items():  # finished before the interruption: not trained again
         assert (out / "trials" / trial / "summary.json").stat().st_mtime == mtime
     for row in rows:
         run_dir = Path(row["run_dir"])
         assert json.loads((run_dir / "fault_injected").read_text())["step"] == 3
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records if "event/resumed" in r] == [2]
+        resumed = [r["step"] for r in records if "event/resumed" in r]
+        # the killed worker resumed from its step-2 checkpoint; the trial the SIGINT cut resumed
+        # once more, from its newest checkpoint (2 or 4)
+        assert 2 in resumed and set(resumed) <= {2, 4} and resumed == sorted(resumed), resumed
         assert max(r["step"] for r in records if r["kind"] == "train") == 6
 
 
