@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 from collections.abc import Mapping
 
@@ -165,6 +164,19 @@ def _segment_classes(ids: np.ndarray) -> np.ndarray:
     return label_ids_to_train_ids(instance_ids_to_label_ids(ids).clip(0, 255)).astype(np.int64)
 
 
+@contextlib.contextmanager
+def _silenced(*modules):
+    """No ``print`` from the functions of ``modules`` inside the block. ``redirect_stdout`` is not
+    enough: in Ray Train's workers ``print`` also sends every line to the run's log."""
+    for m in modules:
+        m.print = lambda *args, **kwargs: None  # a module global shadows the builtin
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.print
+
+
 class MaskAP:
     """COCO mask AP (IoU 0.50:0.95) and AP50 of the thing classes, by pycocotools' ``COCOeval``.
 
@@ -232,6 +244,8 @@ class MaskAP:
 
     def compute(self) -> dict:
         """``{"ap", "ap50", "ap_class": {class name: AP}}``; NaN where no ground truth exists."""
+        import pycocotools.coco
+        import pycocotools.cocoeval
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
@@ -245,7 +259,7 @@ class MaskAP:
         nan = {"ap": math.nan, "ap50": math.nan, "ap_class": {c["name"]: math.nan for c in cats}}
         if not gts:
             return nan
-        with contextlib.redirect_stdout(io.StringIO()):  # the library prints its progress
+        with _silenced(pycocotools.coco, pycocotools.cocoeval):  # the library prints its progress
             coco_gt = COCO()
             coco_gt.dataset = {"images": images, "categories": cats, "annotations": gts}
             coco_gt.createIndex()
@@ -259,14 +273,15 @@ class MaskAP:
             ev.params.maxDets = [1, 10, self.max_dets]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        precision = ev.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, category) at area "all"
+        # AP and AP50 as COCOeval.summarize computes them (area "all", the most detections)
+        precision = ev.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, category)
+
+        def mean(p: np.ndarray) -> float:
+            return float(p[p > -1].mean()) if (p > -1).any() else math.nan
+
         name_of = {c["id"]: c["name"] for c in cats}
-        per_class = {}
-        for k, c in enumerate(ev.params.catIds):
-            p = precision[:, :, k]
-            per_class[name_of[c]] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
-        ap, ap50 = (float(v) if v > -1 else math.nan for v in ev.stats[:2])
+        per_class = {name_of[c]: mean(precision[:, :, k]) for k, c in enumerate(ev.params.catIds)}
+        ap, ap50 = mean(precision), mean(precision[0])  # iouThrs[0] is 0.50
         return {"ap": ap, "ap50": ap50, "ap_class": per_class}
 
 

@@ -162,11 +162,25 @@ def test_mask_ap_perfect_empty_and_half():
     half.update(pred, {26000: 0.9}, gt)
     res = half.compute()
     assert res["ap_class"]["car"] == pytest.approx(51 / 101) and res["ap_class"]["person"] == 0.0
-    assert res["ap"] == pytest.approx(51 / 101 / 2)
+    assert res["ap"] == pytest.approx(51 / 101 / 2) and res["ap50"] == pytest.approx(51 / 101 / 2)
 
     with pytest.raises(ValueError, match="no score"):
         MaskAP().update(gt, {}, gt)
     assert math.isnan(MaskAP().compute()["ap"])
+
+
+def test_mask_ap_prints_nothing_where_print_is_patched(monkeypatch, capsys):
+    """Ray Train's workers replace ``builtins.print`` with one that also logs every line, so
+    redirecting stdout does not silence pycocotools there; the metric must not print at all."""
+    import builtins
+
+    lines = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: lines.append(args))
+    gt = scene_ids()
+    ap = MaskAP()
+    ap.update(gt, {26000: 0.9, 26001: 0.8, 24000: 0.7}, gt)
+    assert ap.compute()["ap"] == 1.0
+    assert lines == [] and capsys.readouterr().out == ""
 
 
 def test_mask_ap_crowd_region_is_not_a_false_positive():
