@@ -265,6 +265,12 @@ def test_progress_line_shows_step_losses_throughput_data_wait_and_eta(tmp_path, 
     assert lines[1].startswith("sde step 20/100 (20%)")
     assert lines[2] == "sde validation at step 20: seg/miou 0.4 teacher/miou 0.42 depth/abs_rel 0.3 depth/a1 0.6"
     assert lines[3] == "sde resumed from the checkpoint of step 20"
+    # the instance and contrastive stages' headline metrics (not "(no labelled data)")
+    assert ProgressLine("instance", 300).val(100, {"seg/miou": 0.2, "inst/pq": 0.15, "inst/ap50": 0.01}) == (
+        "instance validation at step 100: seg/miou 0.2 inst/pq 0.15 inst/ap50 0.01")
+    assert ProgressLine("contrastive", 250).val(125, {"unsup/miou": 0.1, "unsup/acc": 0.5}) == (
+        "contrastive validation at step 125: unsup/miou 0.1")
+    assert ProgressLine("semiseg", 10).val(5, {}) == "semiseg validation at step 5: (no labelled data)"
 
 
 def test_verbose_flag_before_or_after_the_subcommand():

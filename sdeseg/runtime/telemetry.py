@@ -257,8 +257,8 @@ class PrometheusMetrics:
 
 # what the progress lines show when the record has it, in this order
 PROGRESS_LOSSES = ("seg/total", "seg/sup", "seg/unsup", "depth/total", "depth/photo", "distill/berhu")
-PROGRESS_VAL = ("seg/miou", "teacher/miou", "depth/abs_rel", "depth/a1", "select/budget", "select/classes_present",
-                "select/score_img_per_s")
+PROGRESS_VAL = ("seg/miou", "teacher/miou", "inst/pq", "inst/ap50", "unsup/miou", "depth/abs_rel", "depth/a1",
+                "select/budget", "select/classes_present", "select/score_img_per_s")
 
 
 def _duration(seconds: float) -> str:
