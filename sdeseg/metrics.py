@@ -246,8 +246,8 @@ class MaskAP:
         """``{"ap", "ap50", "ap_class": {class name: AP}}``; NaN where no ground truth exists."""
         import pycocotools.coco
         import pycocotools.cocoeval
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+
+        COCO, COCOeval = pycocotools.coco.COCO, pycocotools.cocoeval.COCOeval
 
         names = class_names()
         cats = [{"id": int(train_ids_to_label_ids(np.array(c))), "name": names[c]} for c in thing_train_ids()]
