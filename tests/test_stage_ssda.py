@@ -56,6 +56,19 @@ def test_ssda_trains_with_both_domains_and_keeps_their_keys(synthetic_root, game
         assert len(step_keys) == 10 and all(k.startswith("synth-game/") for k in step_keys[4:])
 
 
+def test_source_plus_target_supervised_row_has_no_target_pseudo_labels(synthetic_root, game_root, exports, tmp_path):
+    """The ablation's base row: semiseg.pseudo_label=false drops the within-target term (it was
+    ignored by this stage before), cross_mix=false the cross-domain one; the source loss stays."""
+    cfg = _ssda(synthetic_root, game_root, exports, "train.steps=2", "semiseg.pseudo_label=false",
+                "ssda.cross_mix=false", "ssda.mgs_candidates=1")
+    run_in_process(cfg, tmp_path)
+    train = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert train and all(r["seg/source"] > 0 and r["seg/sup"] > 0 for r in train)
+    assert not any(k in r for r in train for k in ("seg/unsup", "seg/cross", "seg/confident"))
+    assert all(r["seg/total"] == pytest.approx(r["seg/sup"] + r["seg/source"], rel=1e-5) for r in train)
+
+
 def test_ssda_resumes_exactly(synthetic_root, game_root, exports, tmp_path):
     run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=6"), tmp_path / "a")
     run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=3"), tmp_path / "b")

@@ -8,7 +8,9 @@ source's own SDE export) is closest to the target's (:func:`sdeseg.mixing.match_
 the matched source batch gives a supervised source loss and is pasted over the targets where
 it is closer (Cross-Domain DepthMix, :func:`sdeseg.mixing.cross_domain_depth_mix`): source
 ground truth with weight 1, target pseudo-labels with the teacher's confident fraction. With
-``ssda.mgs_candidates=1`` the pairing is random (the ablation's "random pairing").
+``ssda.mgs_candidates=1`` the pairing is random (the ablation's "random pairing");
+``semiseg.pseudo_label=false`` drops the within-target term and ``ssda.cross_mix=false`` the
+cross-domain one (with both: source + target supervised, the ablation's base row).
 Everything else — optimizer steps, EMA teacher, validation on the target, exports, exact
 resume — is the semi-supervised stage's, reused from ``sdeseg.stages.semiseg``.
 """
@@ -76,9 +78,12 @@ def source_stream(cfg: Config, ctx: StageContext):
 
 @torch.no_grad()
 def matched_source(src, ub, target_net, source_net, cfg: Config, autocast):
-    """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth)."""
+    """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth);
+    with one candidate and no Cross-Domain DepthMix no depth is needed: (indices, None, None)."""
     s = cfg.ssda
     b, k = ub.images[0].shape[0], s.mgs_candidates
+    if k == 1 and not s.cross_mix:
+        return torch.arange(b, device=ub.images[0].device), None, None
     with autocast():
         t_disp = target_net(ub.images[0])[("disp", 0)].float()
         s_disp = source_net(src.images[0])[("disp", 0)].float()
@@ -102,7 +107,6 @@ def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config
     engine.train()
     pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_net, cfg, autocast)
     src_images, src_label = src.images[0][pick], src.label[pick]
-    within = make_mixed_batch(teacher, target_net, lb, ub, cfg, gen, autocast)  # within-target DepthMix
     terms, stats = {}, {}
     n_lab = lb.images_aug[0].shape[0]
     out = engine(lb.images_aug[0])
@@ -110,9 +114,12 @@ def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config
     src_out = engine(src.images_aug[0][pick])
     terms["seg/source"] = ss.source_weight * supervised_seg_loss({("seg", 0): src_out[("seg", 0)]}, src_label,
                                                                  s).terms["seg/sup"]
-    unsup = pseudo_label_seg_loss({("seg", 0): engine(within.image)[("seg", 0)]}, within.probs, s, step, within.weight)
-    terms |= unsup.terms
-    stats |= unsup.stats
+    if s.pseudo_label:  # within-target DepthMix (off: source + target supervised, the ablation's base row)
+        within = make_mixed_batch(teacher, target_net, lb, ub, cfg, gen, autocast)
+        unsup = pseudo_label_seg_loss({("seg", 0): engine(within.image)[("seg", 0)]}, within.probs, s, step,
+                                      within.weight)
+        terms |= unsup.terms
+        stats |= unsup.stats
     if ss.cross_mix:
         with torch.no_grad(), autocast():
             tgt_probs = torch.softmax(teacher(ub.images[0])[("seg", 0)].float(), dim=1)
