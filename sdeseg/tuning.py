@@ -12,9 +12,11 @@ the same command restores the Tune experiment (``<out>/tune/<name>``, or
 ``<runtime.storage_path>/tune/<name>`` on object storage) and runs only what is unfinished.
 
 Results: ``<out>/results.parquet`` (one row per trial: parameters, the metric at every
-validation, final and best metric, steps done, status, wall time), ``<out>/best.json`` and
+validation, final and best metric, the test split's score of a completed trial's final model,
+steps done, status, wall time), ``<out>/best.json`` (chosen on validation) and
 ``<out>/summary.md`` with ``<out>/curves.png`` (the metric over steps per trial) and, when the
-search file has ``plot``, ``<out>/plot.png`` (the final metric over ``plot.x`` per ``plot.series``).
+search file has ``plot``, ``<out>/plot.png`` (the final model's metric over ``plot.x`` per ``plot.series``:
+test solid, last validation dashed).
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
         params = {k: result.config.get(k) for k in [d.key for d in spec.space] + list(spec.groups)}
         done = int(max(steps, default=0))
         summary_file = out / "trials" / str(trial_id) / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        test = summary.get(f"test/{spec.metric}")  # the final model on the held-out split (claims)
         if result.error is not None:
             status = "error"
         elif summary_file.exists():  # written when the run ends; a trial the scheduler stopped never ends
@@ -192,6 +196,7 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
         best = (max(values) if spec.mode == "max" else min(values)) if values else None
         rows.append({"trial_id": str(trial_id), **{f"param/{k}": v for k, v in params.items()},
                      "steps": steps, "values": values, "final": values[-1] if values else None, "best": best,
+                     "test": float(test) if test is not None else None,
                      "steps_done": done, "status": status, "wall_s": float(metrics.get("time_total_s") or 0.0),
                      "run_dir": str(out / "trials" / str(trial_id)),
                      "error": str(result.error)[:500] if result.error is not None else None})
@@ -234,15 +239,16 @@ def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> di
     lines = [f"# Search `{spec.name}` ({spec.path})", "",
              f"{len(rows)} trials; metric `{spec.metric}` ({spec.mode}); scheduler {spec.scheduler.name}; "
              f"search {spec.search}; base `{spec.base}` with {' '.join(spec.overrides) or 'no overrides'}.", "",
-             "| trial | " + " | ".join(k for k in rows[0] if k.startswith("param/")) + " | final | best | steps | "
-             "status | wall s |" if rows else "(no trials)",
-             "| --- |" + " --- |" * (len([k for k in rows[0] if k.startswith("param/")]) + 5) if rows else ""]
+             "| trial | " + " | ".join(k for k in rows[0] if k.startswith("param/")) + " | final | best | test | "
+             "steps | status | wall s |" if rows else "(no trials)",
+             "| --- |" + " --- |" * (len([k for k in rows[0] if k.startswith("param/")]) + 6) if rows else ""]
     for r in sorted(rows, key=lambda r: -sign * (r["final"] if r["final"] is not None else -sign * 1e30)):
         params = " | ".join(str(v) for k, v in r.items() if k.startswith("param/"))
         final = f"{r['final']:.4f}" if r["final"] is not None else "–"
         best_v = f"{r['best']:.4f}" if r["best"] is not None else "–"
-        lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {r['steps_done']} | {r['status']} | "
-                     f"{r['wall_s']:.0f} |")
+        test = f"{r['test']:.4f}" if r.get("test") is not None else "–"
+        lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {test} | {r['steps_done']} | "
+                     f"{r['status']} | {r['wall_s']:.0f} |")
     lines += ["", "![metric over steps](curves.png)"] + (["", "![final metric](plot.png)"] if spec.plot else [])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return best
@@ -267,21 +273,33 @@ def _plots(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
     if not spec.plot:
         return
-    x, series = spec.plot.get("x"), spec.plot.get("series")
-    lines: dict[str, dict[float, list[float]]] = {}
-    for r in rows:
-        if r["final"] is None or r["status"] != "completed":
-            continue
-        key = str(r.get(f"param/{series}")) if series else spec.metric
-        lines.setdefault(key, {}).setdefault(float(r[f"param/{x}"]), []).append(r["final"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in sorted(lines.items()):
-        xs = sorted(points)
-        ax.plot(xs, [sum(points[v]) / len(points[v]) for v in xs], marker="o", label=name)
+    colours: dict[str, str] = {}
+    for (name, split), points in plot_lines(spec, rows).items():
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        ax.plot(list(points), list(points.values()), marker="o", color=colour,
+                linestyle="-" if split == "test" else "--", label=f"{name} ({split})")
     ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(f"{spec.metric} (final, mean over seeds)")
+    ax.set_xlabel(spec.plot.get("x"))
+    ax.set_ylabel(f"{spec.metric} (final model, mean over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "plot.png", dpi=100)
     plt.close(fig)
+
+
+def plot_lines(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[float, float]]:
+    """The lines of plot.png: {(series value, "test" | "val"): {x: mean over the completed trials}}.
+
+    "test" is the final model's score on the held-out split (what a claim uses), "val" its last
+    validation (for development); trials that did not complete are left out."""
+    x, series = spec.plot.get("x"), spec.plot.get("series")
+    points: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in rows:
+        if r["status"] != "completed":
+            continue
+        key = str(r.get(f"param/{series}")) if series else spec.metric
+        for split, value in (("test", r.get("test")), ("val", r["final"])):
+            if value is not None:
+                points.setdefault((key, split), {}).setdefault(float(r[f"param/{x}"]), []).append(value)
+    return {line: {v: sum(by_x[v]) / len(by_x[v]) for v in sorted(by_x)} for line, by_x in sorted(points.items())}

@@ -46,6 +46,8 @@ def _search(tmp_path: Path, root: str, **fields) -> Path:
 def test_shipped_searches_load_and_count_their_trials():
     assert load_search("component_study").grid_size() == 12  # 6 rows x 2 seeds
     assert load_search("label_budgets").grid_size() == 18
+    curve = load_search("label_curve")  # 4 budgets x 2 methods x 1 seed, at the component study's schedule
+    assert curve.grid_size() == 8 and curve.max_steps() == load_search("component_study").max_steps() == 3200
     spec = load_search("demo_loss_weights")
     assert spec.scheduler.name == "asha" and spec.num_samples == 16 and spec.max_steps() == 800
     for name in ("cityscapes_loss_weights", "cityscapes_component_study", "cityscapes_label_budgets"):
@@ -123,6 +125,9 @@ def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, syn
     best = json.loads((out / "best.json").read_text())
     assert best["final"] == max(r["final"] for r in rows) and best["trial_id"] in {r["trial_id"] for r in rows}
     assert (out / "curves.png").stat().st_size > 5000 and "| trial |" in (out / "summary.md").read_text()
+    for r in completed:  # the final model's held-out score, next to the last validation
+        assert r["test"] == json.loads((Path(r["run_dir"]) / "summary.json").read_text())["test/seg/miou"]
+    assert all(r["test"] is None for r in stopped)
 
 
 @pytest.mark.slow
@@ -213,3 +218,35 @@ def test_a_finished_run_is_recognised_only_with_its_config_and_all_its_steps(tmp
     stored["optim"]["no_longer_a_key"] = 1
     (tmp_path / "config.yaml").write_text(_yaml.safe_dump(stored))
     assert finished_run(cfg, tmp_path) is None
+
+
+def test_results_carry_the_test_score_and_the_plot_draws_test_and_val(tmp_path):
+    """write_results on rows as collect_results makes them: the table has a test column (– for a
+    trial without one), best.json is chosen on validation, plot.png has one test and one val
+    line per series."""
+    from sdeseg.tuning import plot_lines, write_results
+
+    spec = load_search("label_curve")
+
+    def row(i, labels, method, val, test, status="completed"):
+        return {"trial_id": f"t{i}", "param/data.num_labeled": labels, "param/train.seed": 0, "param/method": method,
+                "steps": [400, 800], "values": [val - 0.05, val], "final": val, "best": val, "test": test,
+                "steps_done": 800, "status": status, "wall_s": 10.0, "run_dir": str(tmp_path / f"t{i}"), "error": None}
+
+    rows = [row(0, 16, "supervised only", 0.30, 0.28), row(1, 33, "supervised only", 0.35, 0.36),
+            row(2, 16, "DepthMix", 0.33, 0.34), row(3, 33, "DepthMix", 0.38, 0.33),
+            row(4, 100, "DepthMix", 0.20, None, status="stopped early")]
+    best = write_results(spec, rows, tmp_path)
+    assert best["trial_id"] == "t3"  # highest validation, not highest test
+    table = (tmp_path / "summary.md").read_text()
+    assert "| final | best | test |" in table and "| 0.3800 | 0.3800 | 0.3300 |" in table and "| – |" in table
+    assert json.loads((tmp_path / "best.json").read_text())["test"] == 0.33
+    assert [r["test"] for r in pq.read_table(tmp_path / "results.parquet").to_pylist()] == [0.28, 0.36, 0.34, 0.33,
+                                                                                          None]
+    assert (tmp_path / "plot.png").stat().st_size > 5000
+    rows.append(row(5, 33, "DepthMix", 0.36, 0.37))  # a second seed: lines are means over seeds
+    assert plot_lines(spec, rows) == {
+        ("DepthMix", "test"): {16.0: 0.34, 33.0: pytest.approx(0.35)},
+        ("DepthMix", "val"): {16.0: 0.33, 33.0: pytest.approx(0.37)},
+        ("supervised only", "test"): {16.0: 0.28, 33.0: 0.36},
+        ("supervised only", "val"): {16.0: 0.30, 33.0: 0.35}}
