@@ -321,9 +321,15 @@ def run_stage(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     return run_in_process(cfg, run_dir) if cfg.runtime.in_process else run_on_ray(cfg, run_dir)
 
 
-def finished_run(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+# Keys that name or watch a run without changing what it computes: two runs that differ only in
+# these train the same model (``finished_run(..., any_identity=True)``, ``sdeseg tune --reuse``).
+RESULT_NEUTRAL = ("run_name", "storage_path", "max_failures", "metrics_port", "progress", "verbose")
+
+
+def finished_run(cfg: Config, run_dir: Path, any_identity: bool = False) -> dict[str, Any] | None:
     """The summary of a run in ``run_dir`` that ended with exactly this config (the one written
-    beside it, after preflight) and all its steps; None when there is no such run."""
+    beside it, after preflight) and all its steps; None when there is no such run. With
+    ``any_identity`` the runtime keys of ``RESULT_NEUTRAL`` (run name, storage, ...) may differ."""
     import yaml
 
     summary_file, config_file = run_dir / "summary.json", run_dir / "config.yaml"
@@ -334,7 +340,11 @@ def finished_run(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
         stored = from_dict(yaml.safe_load(config_file.read_text())).to_dict()
     except ConfigError:  # a key that no longer exists, a value no longer allowed: not this config
         return None
-    if stored != resolved.to_dict():
+    wanted = resolved.to_dict()
+    if any_identity:
+        for d in (stored, wanted):
+            d["runtime"] = {k: v for k, v in d["runtime"].items() if k not in RESULT_NEUTRAL}
+    if stored != wanted:
         return None
     summary = json.loads(summary_file.read_text())
     return summary if summary.get("steps", -1) >= resolved.loop_steps() else None

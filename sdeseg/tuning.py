@@ -10,6 +10,8 @@ and its run directory is ``<out>/trials/<trial id>``: a retried trial, or a sear
 after the driver was stopped, continues from the trial's own latest checkpoint. Re-running
 the same command restores the Tune experiment (``<out>/tune/<name>``, or
 ``<runtime.storage_path>/tune/<name>`` on object storage) and runs only what is unfinished.
+With ``reuse`` directories (``sdeseg tune --reuse``), a trial whose config a finished run there
+already trained (up to run name and storage) copies that run instead of training it.
 
 Results: ``<out>/results.parquet`` (one row per trial: parameters, the metric at every
 validation, final and best metric, the test split's score of a completed trial's final model,
@@ -35,8 +37,9 @@ log = logging.getLogger("sdeseg")
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # a trial's driver holds one of these and no CPU
 
 
-def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str) -> None:
-    """One trial (runs in a Tune actor): build its config and train it with Ray Train."""
+def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str, reuse: list[str] = ()) -> None:
+    """One trial (runs in a Tune actor): build its config and train it with Ray Train, or adopt a
+    finished run of the same config from the ``reuse`` directories."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -54,9 +57,59 @@ def _trial(config: dict[str, Any], search_path: str, extra: list[str], out: str)
     if done is not None:  # it ended before the driver was stopped, but Tune had not recorded it yet
         log.info("trial %s finished before (%s): reporting its summary, not training it again", trial_id,
                  run_dir / "summary.json")
+    source = find_reusable(cfg, [Path(d) for d in reuse]) if done is None else None
+    if source is not None:
+        log.info("trial %s: %s trained this config already, reusing it", trial_id, source)
+        done = adopt_run(cfg, source, run_dir)
+    if done is not None:
         ray.tune.report({k: v for k, v in done.items() if isinstance(v, (int, float))} | {"step": done["steps"]})
         return
     run_on_ray(cfg, run_dir, callbacks=[TuneReportCallback()])
+
+
+REUSED_FILE = "reused_from.json"
+
+
+def find_reusable(cfg, dirs: list[Path]) -> Path | None:
+    """A finished run with ``cfg`` up to its name and storage (``launch.RESULT_NEUTRAL``) and all
+    its steps, in ``dirs``: each a run directory, a search's output (``trials/*``) or a directory
+    of run directories. The first in that order; None when there is none."""
+    from sdeseg.launch import finished_run
+
+    for d in dirs:
+        for run_dir in [d, *sorted(d.glob("trials/*")), *sorted(d.glob("*"))]:
+            if ((run_dir / "summary.json").is_file() and not (run_dir / REUSED_FILE).exists()
+                    and finished_run(cfg, run_dir, any_identity=True)):
+                return run_dir
+    return None
+
+
+def adopt_run(cfg, source: Path, run_dir: Path) -> dict[str, Any]:
+    """Copy the finished run ``source`` (metrics, summary, exports, evaluations; not its Ray
+    checkpoints, which stay with it) into ``run_dir`` as this config's run and return its summary,
+    whose export paths name the copies. ``run_dir/reused_from.json`` says where it came from; the
+    summary is written last, so a copy cut short is not a finished run."""
+    import shutil
+
+    from sdeseg.config import save_config
+    from sdeseg.launch import _write_summary, preflight
+
+    for item in sorted(source.iterdir()):
+        if item.name in ("summary.json", "config.yaml", "ray", "params.json", REUSED_FILE):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, run_dir / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, run_dir / item.name)
+    save_config(preflight(cfg), run_dir / "config.yaml")  # this trial's config: a resumed search knows it
+    (run_dir / REUSED_FILE).write_text(json.dumps({"source": str(source.resolve())}) + "\n")
+    summary = json.loads((source / "summary.json").read_text())
+    old, new = str(source.resolve()), str(run_dir.resolve())
+    summary["exports"] = {k: v.replace(old, new, 1) if isinstance(v, str) and v.startswith(old) else v
+                          for k, v in (summary.get("exports") or {}).items()}
+    summary["reused_from"] = old
+    _write_summary(run_dir, summary)
+    return summary
 
 
 def _param_space(spec: SearchSpec) -> dict[str, Any]:
@@ -137,9 +190,18 @@ def experiment_root(spec: SearchSpec, out: Path) -> str:
     return f"{storage.rstrip('/')}/tune" if is_url(storage) else str(out / "tune")
 
 
-def run_search(search_path: str, out: str | Path, extra: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) the search; returns the best trial's row. The search file is checked first."""
+def run_search(search_path: str, out: str | Path, extra: list[str] | None = None,
+               reuse: list[str | Path] | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the best trial's row. The search file is checked first.
+    A trial whose config a finished run in ``reuse`` (see :func:`find_reusable`) already trained
+    adopts that run instead of training."""
     spec = load_search(search_path, extra)
+    reuse = [str(Path(d).resolve()) for d in (reuse or [])]
+    missing = [d for d in reuse if not Path(d).is_dir()]
+    if missing:
+        from sdeseg.config import ConfigError
+
+        raise ConfigError(f"--reuse: not a directory: {', '.join(missing)}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoint-only reports lack the metric
@@ -147,7 +209,7 @@ def run_search(search_path: str, out: str | Path, extra: list[str] | None = None
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, search_path=spec.path, extra=list(extra or []), out=str(out)),
+        tune.with_parameters(_trial, search_path=spec.path, extra=list(extra or []), out=str(out), reuse=reuse),
         {"cpu": 0, DRIVER_RESOURCE: 1},
     )
     tune_root = experiment_root(spec, out)
@@ -186,6 +248,7 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
         done = int(max(steps, default=0))
         summary_file = out / "trials" / str(trial_id) / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        reused = summary.get("reused_from")
         test = summary.get(f"test/{spec.metric}")  # the final model on the held-out split (claims)
         if result.error is not None:
             status = "error"
@@ -198,7 +261,7 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
                      "steps": steps, "values": values, "final": values[-1] if values else None, "best": best,
                      "test": float(test) if test is not None else None,
                      "steps_done": done, "status": status, "wall_s": float(metrics.get("time_total_s") or 0.0),
-                     "run_dir": str(out / "trials" / str(trial_id)),
+                     "run_dir": str(out / "trials" / str(trial_id)), "reused_from": reused,
                      "error": str(result.error)[:500] if result.error is not None else None})
     return rows
 
@@ -248,7 +311,7 @@ def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> di
         best_v = f"{r['best']:.4f}" if r["best"] is not None else "–"
         test = f"{r['test']:.4f}" if r.get("test") is not None else "–"
         lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {test} | {r['steps_done']} | "
-                     f"{r['status']} | {r['wall_s']:.0f} |")
+                     f"{r['status']}{' (reused)' if r.get('reused_from') else ''} | {r['wall_s']:.0f} |")
     lines += ["", "![metric over steps](curves.png)"] + (["", "![final metric](plot.png)"] if spec.plot else [])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return best

@@ -171,6 +171,38 @@ def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_che
         assert max(r["step"] for r in records if r["kind"] == "train") == 6
 
 
+@pytest.mark.slow
+def test_a_search_reuses_the_finished_trials_of_another(tmp_path, synthetic_root):
+    """`sdeseg tune B --reuse A`: B's trial with the config A trained already adopts A's run (same
+    validations, same test score, its own export copy) and trains nothing; B's other trial trains."""
+    base = yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
+    first = _search(tmp_path, synthetic_root, scheduler={"name": "fifo"}, space={"optim.lr": {"grid": [3e-2]}},
+                    overrides=base)
+    done = subprocess.run(_tune_cmd(first, tmp_path / "a"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (source,) = pq.read_table(tmp_path / "a" / "results.parquet").to_pylist()
+    second = first.with_name("second.yaml")
+    second.write_text(yaml.safe_dump(yaml.safe_load(first.read_text())
+                                     | {"space": {"optim.lr": {"grid": [1e-12, 3e-2]}}}))
+    done = subprocess.run(_tune_cmd(second, tmp_path / "b") + ["--reuse", str(tmp_path / "a")], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {json.loads(r["param/optim.lr"]): r for r in pq.read_table(tmp_path / "b" / "results.parquet").to_pylist()}
+    assert all(r["status"] == "completed" and r["steps_done"] == 4 for r in rows.values()), rows
+    reused, trained = rows[3e-2], rows[1e-12]
+    assert reused["reused_from"] == source["run_dir"] and trained["reused_from"] is None
+    assert (reused["steps"], reused["values"], reused["test"]) == (source["steps"], source["values"], source["test"])
+    records = [json.loads(x) for x in (Path(reused["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert records == [json.loads(x) for x in (Path(source["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((Path(reused["run_dir"]) / "summary.json").read_text())
+    export = Path(summary["exports"]["last"])
+    assert export.parent == Path(reused["run_dir"]) / "export"
+    assert export.read_bytes() == (Path(source["run_dir"]) / "export" / "last.pt").read_bytes()
+    assert not list((tmp_path / "b" / "ray").glob(f"*{reused['trial_id']}*"))  # no Ray Train run of its own
+    assert list((tmp_path / "b" / "ray").glob(f"*{trained['trial_id']}*"))
+    assert "(reused)" in (tmp_path / "b" / "summary.md").read_text()
+
+
 def test_optuna_tpe_suggests_points_of_the_space(tmp_path, synthetic_root):
     """search.name=optuna: Ray Tune's OptunaSearch takes the converted space and suggests values
     inside it (no cluster needed to ask it)."""
@@ -218,6 +250,51 @@ def test_a_finished_run_is_recognised_only_with_its_config_and_all_its_steps(tmp
     stored["optim"]["no_longer_a_key"] = 1
     (tmp_path / "config.yaml").write_text(_yaml.safe_dump(stored))
     assert finished_run(cfg, tmp_path) is None
+
+
+def test_a_finished_run_of_the_same_config_is_found_and_adopted_with_its_files(tmp_path, synthetic_root):
+    """--reuse: a run that differs only in name and storage is found (in a search's trials/, a
+    directory of runs, or given itself); another value or fewer steps is not. Adopting copies its
+    files but not its Ray checkpoints, points the exports at the copies, and leaves a run that a
+    resumed search recognises as this trial's and that is no source itself."""
+    from sdeseg.config import save_config
+    from sdeseg.launch import finished_run, preflight
+    from sdeseg.tuning import REUSED_FILE, adopt_run, find_reusable
+    from tests.conftest import tiny_config
+
+    args = ("train.steps=6", "semiseg.transfer=false", "semiseg.mix=none")
+    source = tmp_path / "earlier" / "trials" / "t0"
+    trained = tiny_config("demo_semiseg", synthetic_root, *args, "runtime.run_name=earlier-t0",
+                          f"runtime.storage_path={tmp_path / 'earlier' / 'ray'}")
+    save_config(preflight(trained), source / "config.yaml")
+    (source / "export").mkdir()
+    (source / "export" / "last.pt").write_bytes(b"weights")
+    (source / "ray" / "checkpoint_000001").mkdir(parents=True)
+    (source / "metrics.jsonl").write_text(json.dumps({"kind": "val", "step": 6, "seg/miou": 0.25}) + "\n")
+    (source / "summary.json").write_text(json.dumps({"steps": 6, "seg/miou": 0.25, "test/seg/miou": 0.24,
+                                                     "exports": {"last": str(source / "export" / "last.pt")}}))
+    short = tmp_path / "runs" / "short"  # the same config cut at 4 of its 6 steps
+    save_config(preflight(trained), short / "config.yaml")
+    (short / "summary.json").write_text(json.dumps({"steps": 4}))
+
+    trial = tiny_config("demo_semiseg", synthetic_root, *args, "runtime.run_name=later-t3",
+                        "runtime.storage_path=s3://bucket/later", "runtime.max_failures=3")
+    for where in (tmp_path / "earlier", source.parent, source):
+        assert find_reusable(trial, [tmp_path / "runs", where]) == source
+    assert find_reusable(trial, [tmp_path / "runs"]) is None  # not all its steps
+    for other in ("optim.lr=0.5", "train.seed=1", "runtime.num_workers=2"):
+        assert find_reusable(tiny_config("demo_semiseg", synthetic_root, *args, other), [tmp_path / "earlier"]) is None
+
+    run_dir = tmp_path / "later" / "trials" / "t3"
+    run_dir.mkdir(parents=True)
+    summary = adopt_run(trial, source, run_dir)
+    assert summary["seg/miou"] == 0.25 and summary["reused_from"] == str(source)
+    assert summary["exports"] == {"last": str(run_dir / "export" / "last.pt")}
+    assert (run_dir / "export" / "last.pt").read_bytes() == b"weights" and not (run_dir / "ray").exists()
+    assert (run_dir / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+    assert json.loads((run_dir / REUSED_FILE).read_text()) == {"source": str(source)}
+    assert finished_run(trial, run_dir)["test/seg/miou"] == 0.24  # exactly this trial's run now
+    assert find_reusable(trial, [run_dir.parent]) is None  # an adopted run is not a source again
 
 
 def test_results_carry_the_test_score_and_the_plot_draws_test_and_val(tmp_path):

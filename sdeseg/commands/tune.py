@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides for every trial, e.g. train.steps=200")
     p.add_argument("--out", default=None, help="output directory (default runs/tune/<search name>); "
                    "re-running with the same directory resumes the search")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="a trial whose config (up to run name and storage) a finished run in DIR already "
+                   "trained copies that run instead of training: DIR is an earlier search's --out, a run "
+                   "directory or a directory of them (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_search(args.search, list(args.overrides))  # every error before Ray starts
     out = Path(args.out or Path("runs") / "tune" / spec.name)
-    best = run_search(spec.path, out, list(args.overrides))
+    best = run_search(spec.path, out, list(args.overrides), reuse=args.reuse)
     print(json.dumps({k: v for k, v in best.items() if k not in ("steps", "values")}, indent=2, default=str))
     print(f"results: {out.resolve() / 'summary.md'}")
     return 0
