@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 
 from sdeseg.cli import main
+from sdeseg.commands.demo import demo_precision
+from sdeseg.runtime.engine import cpu_has_bf16
 from tests.conftest import TINY
 
 FIGURES = ("inputs", "depth", "segmentation", "depthmix", "curves")
@@ -44,6 +46,10 @@ def test_demo_runs_both_stages_and_writes_report_and_summary(synthetic_root, tmp
     assert (base_cfg["semiseg"]["mix"], base_cfg["semiseg"]["transfer"], base_cfg["semiseg"]["pseudo_label"]) == (
         "none", False, False)
     assert Path(seg_cfg["semiseg"]["sde_checkpoint"]).parent == runs / "sde" / "export"
+    # --precision auto: bf16 on a CPU with bf16 units, else fp32, in both stages and the summary
+    sde_cfg = yaml.safe_load((runs / "sde" / "config.yaml").read_text())
+    assert sde_cfg["runtime"]["precision"] == seg_cfg["runtime"]["precision"] == summary["precision"]
+    assert summary["precision"] == demo_precision("auto") in ("fp32", "bf16")
 
     report = out / "report" / "report.md"
     text = report.read_text()
@@ -54,3 +60,13 @@ def test_demo_runs_both_stages_and_writes_report_and_summary(synthetic_root, tmp
     assert "| seg/miou | " in text and "| road | " in text
     printed = capsys.readouterr().out
     assert f"report: {report}" in printed and "depth/abs_rel" in printed
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units():
+    """Checked against the kernel's CPU flags (Linux): AVX512-BF16 or AMX tiles mean bf16 units."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+        assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_tile", "amx_bf16"})
+    assert demo_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert demo_precision("fp32") == "fp32" and demo_precision("bf16") == "bf16"

@@ -28,13 +28,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also train the supervised-only baseline (adds its time) for seg/miou_supervised_baseline")
     p.add_argument("--in-process", action="store_true", help="run stages in this process instead of on Ray")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="runtime.precision of both stages; auto: bf16 where the CPU has bf16 units "
+                   "(AVX512-BF16, AMX), where it is faster (BENCHMARKS.md), else fp32")
     p.add_argument("--instance-model", default=None,
                    help="an instance export (sdeseg train demo_instance ...): the report also shows its instances")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to both stages, e.g. runtime.num_workers=1")
 
 
+def demo_precision(choice: str) -> str:
+    """``--precision``: auto is bf16 on a CPU with bf16 units, else fp32 (the demo runs on CPUs)."""
+    from sdeseg.runtime.engine import cpu_has_bf16
+
+    if choice != "auto":
+        return choice
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
 def _stage_overrides(args, data_root: str, extra: list[str]) -> list[str]:
-    out = [f"data.root={data_root}", "runtime.progress=false"] + list(extra)  # a bar per stage instead
+    out = [f"data.root={data_root}", "runtime.progress=false", f"runtime.precision={args.precision}"]
+    out += list(extra)  # (a bar per stage instead of progress lines)
     if getattr(args, "verbose", False):
         out.append("runtime.verbose=true")
     if args.in_process:
@@ -104,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     data_root = Path(args.data).resolve() if args.data else out / "data" / "synthetic"
     times: dict[str, float] = {}
     start = time.perf_counter()
+    args.precision = demo_precision(args.precision)
+    print(f"[demo] precision {args.precision}")
 
     t0 = time.perf_counter()
     if not (data_root / MANIFEST_NAME).exists():
@@ -146,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                                instance_export=args.instance_model)
     times["report"] = time.perf_counter() - t0
     summary.update({f"time/{k}_s": v for k, v in times.items()})
+    summary["precision"] = args.precision
     summary["time/total_s"] = time.perf_counter() - start
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -20,6 +20,15 @@ from sdeseg.optim import build_optimizer, build_scheduler
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX tiles), where oneDNN's
+    bf16 convolutions are faster than fp32; elsewhere it emulates them, many times slower."""
+    import torch.cpu
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON for this run."""
     rt = cfg.runtime
