@@ -20,7 +20,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, report, summary.json)")
     p.add_argument("--data", default=None, help="synthetic shard directory (default <out>/data/synthetic)")
-    p.add_argument("--num-train", type=int, default=600, help="synthetic training triplets to generate")
+    p.add_argument("--num-train", type=int, default=200,
+                   help="synthetic training triplets to generate (the SDE stage sees each of 200 eight times)")
     p.add_argument("--num-val", type=int, default=100, help="synthetic validation samples to generate")
     p.add_argument("--num-test", type=int, default=100, help="synthetic held-out test samples to generate")
     p.add_argument("--sde-steps", type=int, default=None, help="override the SDE stage's steps")
