@@ -191,10 +191,11 @@ def experiment_root(spec: SearchSpec, out: Path) -> str:
 
 
 def run_search(search_path: str, out: str | Path, extra: list[str] | None = None,
-               reuse: list[str | Path] | None = None) -> dict[str, Any]:
-    """Run (or resume) the search; returns the best trial's row. The search file is checked first.
-    A trial whose config a finished run in ``reuse`` (see :func:`find_reusable`) already trained
-    adopts that run instead of training."""
+               reuse: list[str | Path] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run (or resume) the search; returns the best trial's row and every trial's row (their
+    ``status`` says whether the search ended: an interrupted one has unfinished trials). The search
+    file is checked first. A trial whose config a finished run in ``reuse`` (see
+    :func:`find_reusable`) already trained adopts that run instead of training."""
     spec = load_search(search_path, extra)
     reuse = [str(Path(d).resolve()) for d in (reuse or [])]
     missing = [d for d in reuse if not Path(d).is_dir()]
@@ -233,13 +234,33 @@ def run_search(search_path: str, out: str | Path, extra: list[str] | None = None
     best = write_results(spec, rows, out)
     log.info("search %s: %d trials in %.0f s; best %s = %s", spec.name, len(rows), time.time() - start, spec.metric,
              best.get("final"))
-    return best
+    return best, rows
+
+
+def _tune_statuses(grid) -> list[str | None]:
+    """Tune's status of each trial in ``grid``'s order (TERMINATED, ERROR, PAUSED, PENDING, RUNNING).
+    Ray 2.60's ResultGrid keeps it only on its analysis (``num_terminated`` counts from there too);
+    None per trial where that is not available."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None or len(trials) != len(grid):
+        return [None] * len(grid)
+    return [str(t.status) for t in trials]
+
+
+def unfinished_trials(spec: SearchSpec, rows: list[dict[str, Any]]) -> int:
+    """How many of the search's trials have not ended: those in ``rows`` an interruption cut, plus
+    those Tune never created (it generates trials as slots free up, so an interrupted search has
+    fewer rows than the grid times ``num_samples``)."""
+    expected = spec.grid_size() * spec.num_samples
+    return sum(r["status"] == "unfinished" for r in rows) + max(0, expected - len(rows))
 
 
 def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ResultGrid."""
+    """One row per trial from Tune's ResultGrid. ``status``: completed (the run ended and wrote its
+    summary), stopped early (the scheduler ended it), error, or unfinished (an interrupted search:
+    re-running the same command continues it)."""
     rows = []
-    for result in grid:
+    for result, tune_status in zip(grid, _tune_statuses(grid)):
         metrics = result.metrics or {}
         named = re.search(r"_trial_([0-9a-f]+_\d+)_", Path(result.path).name) if result.path else None
         trial_id = metrics.get("trial_id") or (named.group(1) if named else "")
@@ -254,8 +275,10 @@ def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:
             status = "error"
         elif summary_file.exists():  # written when the run ends; a trial the scheduler stopped never ends
             status = "completed"
-        else:
+        elif tune_status in (None, "TERMINATED"):
             status = "stopped early"
+        else:  # PAUSED or PENDING: the search was interrupted before this trial ended
+            status = "unfinished"
         best = (max(values) if spec.mode == "max" else min(values)) if values else None
         rows.append({"trial_id": str(trial_id), **{f"param/{k}": v for k, v in params.items()},
                      "steps": steps, "values": values, "final": values[-1] if values else None, "best": best,

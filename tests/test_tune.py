@@ -154,6 +154,12 @@ def test_a_stopped_search_resumes_and_a_killed_trial_worker_resumes_from_its_che
     assert len(finished) == 1  # the second trial is cut: the search really resumes
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=300)
+    # interrupted: the results so far say which trial is cut, and the exit code says it is not done
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    cut = [r["status"] for r in pq.read_table(out / "results.parquet").to_pylist()]
+    # the cut trial is listed as unfinished if Tune had created it, else not yet listed
+    assert cut.count("completed") == 1 and set(cut) <= {"completed", "unfinished"}, cut
+    assert "interrupted with 1 of 2 trials unfinished" in log.read_text()
     again = subprocess.run(_tune_cmd(search, out), env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     rows = pq.read_table(out / "results.parquet").to_pylist()

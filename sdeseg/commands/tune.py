@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -24,11 +25,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sdeseg.search import load_search
-    from sdeseg.tuning import run_search
+    from sdeseg.tuning import run_search, unfinished_trials
 
     spec = load_search(args.search, list(args.overrides))  # every error before Ray starts
     out = Path(args.out or Path("runs") / "tune" / spec.name)
-    best = run_search(spec.path, out, list(args.overrides), reuse=args.reuse)
+    best, rows = run_search(spec.path, out, list(args.overrides), reuse=args.reuse)
     print(json.dumps({k: v for k, v in best.items() if k not in ("steps", "values")}, indent=2, default=str))
     print(f"results: {out.resolve() / 'summary.md'}")
-    return 0
+    unfinished = unfinished_trials(spec, rows)
+    failed = [r["trial_id"] for r in rows if r["status"] == "error"]
+    if failed:
+        print(f"sdeseg tune: {len(failed)} trial(s) failed: {', '.join(failed)} (results.parquet has their errors)",
+              file=sys.stderr)
+    if unfinished:  # interrupted (SIGINT): not done, whatever Tune's own return says
+        total = spec.grid_size() * spec.num_samples
+        print(f"sdeseg tune: interrupted with {unfinished} of {total} trials unfinished; "
+              "the same command continues the search", file=sys.stderr)
+        return 130
+    return 1 if failed else 0
