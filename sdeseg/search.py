@@ -113,6 +113,10 @@ class SearchSpec:
         sizes = [len(d.values) for d in self.space if d.kind == "grid"] + [len(g) for g in self.groups.values()]
         return math.prod(sizes) if sizes else 1
 
+    def num_trials(self) -> int:
+        """Trials of the whole search: every grid point (rows × grid values) times ``num_samples``."""
+        return self.grid_size() * self.num_samples
+
 
 def fill(override: str, params: dict[str, Any]) -> str:
     """A group's override with ``{key}`` replaced by the trial's value of a searched key, e.g.

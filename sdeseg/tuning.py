@@ -251,8 +251,7 @@ def unfinished_trials(spec: SearchSpec, rows: list[dict[str, Any]]) -> int:
     """How many of the search's trials have not ended: those in ``rows`` an interruption cut, plus
     those Tune never created (it generates trials as slots free up, so an interrupted search has
     fewer rows than the grid times ``num_samples``)."""
-    expected = spec.grid_size() * spec.num_samples
-    return sum(r["status"] == "unfinished" for r in rows) + max(0, expected - len(rows))
+    return sum(r["status"] == "unfinished" for r in rows) + max(0, spec.num_trials() - len(rows))
 
 
 def collect_results(spec: SearchSpec, grid, out: Path) -> list[dict[str, Any]]:

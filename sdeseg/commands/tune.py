@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sdeseg tune: {len(failed)} trial(s) failed: {', '.join(failed)} (results.parquet has their errors)",
               file=sys.stderr)
     if unfinished:  # interrupted (SIGINT): not done, whatever Tune's own return says
-        total = spec.grid_size() * spec.num_samples
-        print(f"sdeseg tune: interrupted with {unfinished} of {total} trials unfinished; "
+        print(f"sdeseg tune: interrupted with {unfinished} of {spec.num_trials()} trials unfinished; "
               "the same command continues the search", file=sys.stderr)
         return 130
     return 1 if failed else 0
