@@ -10,7 +10,7 @@ import torch
 
 from sdeseg.config import ConfigError
 from sdeseg.launch import preflight, run_in_process
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,29 @@ def test_bad_source_input_is_refused_before_workers_start(synthetic_root, game_r
     pq.write_table(pa.Table.from_pylist(table), unlabeled / "manifest.parquet")
     with pytest.raises(ConfigError, match="3 of 12 source samples .* have no label"):
         preflight(_ssda(synthetic_root, str(unlabeled), exports))
+
+
+def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resumes(
+        synthetic_root, game_root, exports, tmp_path):
+    """tune.ssda_study on the tiny domains: three rows of one seed, the source-only model scored
+    on the target's test split, a table of what ran; a second call trains nothing again."""
+    from tune.ssda_study import main
+
+    args = ["--target", synthetic_root, "--target-sde", exports["city"], "--source", game_root,
+            "--source-sde", exports["game"], "--out", str(tmp_path), "--seeds", "0", "--labels", "4",
+            "--steps", "2", "--rows", "full", "srctgt", "sourceonly", "--overrides", *TINY,
+            "--source-overrides", "data.test_split=null", "data.val_split=train"]
+    assert main(args) == 0
+    full = json.loads((tmp_path / "full_s0" / "summary.json").read_text())
+    assert full["steps"] == 2
+    score = json.loads((tmp_path / "sourceonly_s0" / "eval_target_test.json").read_text())
+    assert score["samples"] == 8 and score["data"] == synthetic_root  # the target's 8 test samples
+    table = (tmp_path / "ssda.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| (5) full"))
+    assert f"{100 * full['test/seg/miou']:.2f} ({100 * full['seg/miou']:.2f})" in line
+    assert f"{100 * score['seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (G)"))
+    assert "| (3) + within-target DepthMix | not run |" in table
+    assert "- full − srctgt: **" in table and "full − within" not in table
+    stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")}
+    assert len(stamps) == 3 and main(args) == 0
+    assert {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")} == stamps
