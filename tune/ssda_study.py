@@ -59,19 +59,20 @@ def row_config(args: argparse.Namespace, row: str) -> tuple[str, list[str]]:
     target = [f"data.root={args.target}", f"semiseg.sde_checkpoint={args.target_sde}"]
     source = [f"ssda.source_root={args.source}", f"ssda.source_sde_checkpoint={args.source_sde}"]
     few = [*target, f"data.num_labeled={args.labels}"]
+    if row == "upper":  # the only rows that read a manifest: every labeled training image
+        return args.semiseg_preset, [*target, f"data.num_labeled={labeled_train_count(args.target)}", *SUPERVISED]
+    if row == "sourceonly":
+        return args.semiseg_preset, [f"data.root={args.source}", f"semiseg.sde_checkpoint={args.source_sde}",
+                                     f"data.num_labeled={labeled_train_count(args.source)}", *SUPERVISED]
     rows = {
-        "full": ("demo_ssda", [*few, *source]),
-        "within": ("demo_ssda", [*few, *source, "ssda.cross_mix=false", "ssda.mgs_candidates=1"]),
-        "srctgt": ("demo_ssda", [*few, *source, "ssda.cross_mix=false", "ssda.mgs_candidates=1",
-                                 "semiseg.pseudo_label=false"]),
-        "cdrandom": ("demo_ssda", [*few, *source, "ssda.mgs_candidates=1"]),
-        "target": ("demo_semiseg", [*few, *SUPERVISED]),
-        "upper": ("demo_semiseg", [*target, f"data.num_labeled={labeled_train_count(args.target)}", *SUPERVISED]),
-        "sourceonly": ("demo_semiseg", [f"data.root={args.source}", f"semiseg.sde_checkpoint={args.source_sde}",
-                                        f"data.num_labeled={labeled_train_count(args.source)}", *SUPERVISED]),
+        "full": [*few, *source],
+        "within": [*few, *source, "ssda.cross_mix=false", "ssda.mgs_candidates=1"],
+        "srctgt": [*few, *source, "ssda.cross_mix=false", "ssda.mgs_candidates=1", "semiseg.pseudo_label=false"],
+        "cdrandom": [*few, *source, "ssda.mgs_candidates=1"],
     }
-    preset, overrides = rows[row]
-    return (args.ssda_preset if preset == "demo_ssda" else args.semiseg_preset), overrides
+    if row == "target":
+        return args.semiseg_preset, [*few, *SUPERVISED]
+    return args.ssda_preset, rows[row]
 
 
 def run_dir(out: Path, row: str, seed: int) -> Path:
