@@ -129,14 +129,14 @@ def depth_mix_batch(
 # ----------------------------------------------------------------------------- domain adaptation
 
 
-def match_geometry(
+def geometry_distance(
     target_depth: torch.Tensor,
     source_depth: torch.Tensor,
     ignore_top: int = 0,
     ignore_bottom: int = 0,
     mode: str = "median",
 ) -> torch.Tensor:
-    """Matching Geometry Sampling: per target image, the source candidate whose depth map is closest.
+    """Matching Geometry Sampling's criterion: how far each source candidate's geometry is from its target's.
 
     Args:
         target_depth: (B,H,W) > 0, the target images' depth (their SDE's).
@@ -149,7 +149,7 @@ def match_geometry(
             mean ``|log(p_t + 1) - log(p_s + 1)|``, no normalisation.
 
     Returns:
-        (B,) long: per target, the k with the smallest criterion (ties: smallest k).
+        (B,K) float64, smaller = closer geometry.
     """
     if target_depth.dim() != 3 or source_depth.dim() != 4 or source_depth.shape[0] != target_depth.shape[0] \
             or source_depth.shape[2:] != target_depth.shape[1:]:
@@ -170,7 +170,25 @@ def match_geometry(
         t, s = torch.log1p(t), torch.log1p(s)
     else:
         raise ValueError(f"match_geometry: mode must be 'median' or 'official', got {mode!r}")
-    criterion = (t[:, None] - s).abs().flatten(2).mean(dim=2)  # (B,K)
+    return (t[:, None] - s).abs().flatten(2).mean(dim=2)
+
+
+def match_geometry(
+    target_depth: torch.Tensor,
+    source_depth: torch.Tensor,
+    ignore_top: int = 0,
+    ignore_bottom: int = 0,
+    mode: str = "median",
+) -> torch.Tensor:
+    """Matching Geometry Sampling: per target image, the source candidate whose depth map is closest.
+
+    Arguments as :func:`geometry_distance` (target (B,H,W), source (B,K,H,W) depths, or
+    disparities with ``mode="official"``).
+
+    Returns:
+        (B,) long: per target, the k with the smallest criterion (ties: smallest k).
+    """
+    criterion = geometry_distance(target_depth, source_depth, ignore_top, ignore_bottom, mode)
     return torch.argmin(criterion, dim=1)  # the first minimum: ties go to the smallest k
 
 

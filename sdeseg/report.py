@@ -187,6 +187,99 @@ def fig_instances(batch, net, grouping: dict, path: Path) -> None:
     _image_grid(rows, path)
 
 
+def _normalised_depth_panel(depth: torch.Tensor, title: str, vmax: float) -> tuple:
+    """(H,W) depth over its own median, as Matching Geometry Sampling compares it (one scale per row)."""
+    return ((depth / depth.median()).cpu().numpy(), title, {"cmap": DEPTH_CMAP, "vmin": 0.0, "vmax": vmax})
+
+
+def ssda_run_files(run_dir: str | Path) -> tuple[Config, Path]:
+    """A finished domain-adaptation run's config and export (``best``, else ``last``); a clear
+    error naming the file when it is not one."""
+    from sdeseg.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not found (--ssda-run takes a run directory)")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.stage != "ssda":
+        raise ConfigError(f"{run_dir / 'config.yaml'}: stage {cfg.stage!r}, not a domain-adaptation run (ssda)")
+    export = next((run_dir / "export" / f"{x}.pt" for x in ("best", "last")
+                   if (run_dir / "export" / f"{x}.pt").exists()), None)
+    if export is None:
+        raise FileNotFoundError(f"{run_dir / 'export'}: no best.pt or last.pt (has the run finished?)")
+    return cfg, export
+
+
+SSDA_FIGURES = (("geometry", "Matching Geometry Sampling: target, the chosen source candidate and a random other "
+                 "one, each with its depth over its median and its criterion (smaller = closer geometry)"),
+                ("cross_mix", "Cross-Domain DepthMix: matched source, target, mask (source closer), mixed image, "
+                 "mixed label (source ground truth, target pseudo-label)"))
+
+
+@torch.no_grad()
+def ssda_figures(run_dir: Path, report_dir: Path, n: int = 3, seed: int = 0) -> dict:
+    """A domain-adaptation run's figures (:data:`SSDA_FIGURES`), from its ``config.yaml`` and export.
+
+    The first ``n`` images of the target's validation split, each with ``ssda.mgs_candidates``
+    (at least 2) source candidates: the first ``n * K`` samples of the source split in manifest
+    order (a fixed stand-in for the stage's random draw). Depth from both domains' SDE exports
+    and the choice rule are the stage's (:func:`sdeseg.stages.ssda.geometry_criterion`);
+    pseudo-labels from the run's export (``best``, else ``last``); the mix is
+    :func:`sdeseg.mixing.cross_domain_depth_mix` with the run's margin. Writes
+    ``geometry.png`` and ``cross_mix.png`` under ``report_dir``; returns ``criterion`` (n,K),
+    ``chosen`` and ``random`` (candidate per target) and ``source_share`` (mask mean).
+    """
+    from contextlib import nullcontext
+
+    from sdeseg.exports import load_seg_model
+    from sdeseg.mixing import cross_domain_depth_mix
+    from sdeseg.stages.ssda import frozen_depth_net, geometry_criterion
+
+    cfg, export = ssda_run_files(run_dir)
+    s = cfg.ssda
+    k = max(s.mgs_candidates, 2)
+    source = ValLoader(s.source_root or cfg.data.root, s.source_split, batch_size=n * k, max_batches=1,
+                       domain=s.source_domain)
+    src = next(iter(source))
+    target = ValLoader(cfg.data.root, cfg.data.val_split or "train", batch_size=min(n, len(src) // k), max_batches=1,
+                       domain=cfg.data.domain)
+    tgt = next(iter(target))
+    n = len(tgt)
+    target_net = frozen_depth_net(cfg.semiseg.sde_checkpoint, "cpu")
+    source_net = frozen_depth_net(s.source_sde_checkpoint, "cpu")
+    criterion, s_depth, t_depth = geometry_criterion(tgt.images[0], src.images[0], target_net, source_net, cfg,
+                                                     nullcontext)
+    # the stage's choice: the closest of its K candidates (with one candidate, its first)
+    chosen = criterion[:, :s.mgs_candidates].argmin(dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    others = [[j for j in range(k) if j != c] for c in chosen.tolist()]
+    random = torch.tensor([o[int(torch.randint(len(o), (1,), generator=gen))] for o in others])
+    rows = []
+    for i in range(n):
+        c, r = i * k + int(chosen[i]), i * k + int(random[i])
+        vmax = float(torch.quantile(t_depth[i, 0] / t_depth[i, 0].median(), DEPTH_QUANTILE))
+        rows.append([(_img(tgt.images[0][i]), "target"),
+                     _normalised_depth_panel(t_depth[i, 0], "target depth / median", vmax),
+                     (_img(src.images[0][c]), f"chosen source, {float(criterion[i, chosen[i]]):.3f}"),
+                     _normalised_depth_panel(s_depth[c, 0], "its depth / median", vmax),
+                     (_img(src.images[0][r]), f"random candidate, {float(criterion[i, random[i]]):.3f}"),
+                     _normalised_depth_panel(s_depth[r, 0], "its depth / median", vmax)])
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _image_grid(rows, report_dir / "geometry.png")
+
+    pick = torch.arange(n) * k + chosen
+    probs = torch.softmax(load_seg_model(str(export))(tgt.images[0])[("seg", 0)].float(), dim=1)
+    mix = cross_domain_depth_mix(src.images[0][pick], s_depth[pick], src.label[pick], tgt.images[0], t_depth, probs,
+                                 eps=s.mix_eps, threshold=cfg.semiseg.pseudo_threshold,
+                                 ignore_index=cfg.semiseg.ignore_index, generator=gen)
+    _image_grid([[(_img(src.images[0][pick[i]]), "matched source"), (_img(tgt.images[0][i]), "target"),
+                  (mix.mask[i, 0].float().numpy(), f"mask: source closer ({float(mix.mask[i].float().mean()):.0%})"),
+                  (_img(mix.image[i]), "mixed image"), (_labels(mix.label[i]), "mixed label")]
+                 for i in range(n)], report_dir / "cross_mix.png")
+    return {"criterion": criterion.tolist(), "chosen": chosen.tolist(), "random": random.tolist(),
+            "source_share": float(mix.mask.float().mean())}
+
+
 def fig_curves(runs: Path, path: Path) -> None:
     plt = _plt()
     panels = [
@@ -211,10 +304,12 @@ def fig_curves(runs: Path, path: Path) -> None:
 
 
 def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str, seg_export: str,
-                 summary: dict, cfg: Config, instance_export: str | None = None) -> Path:
+                 summary: dict, cfg: Config, instance_export: str | None = None, ssda_run: str | None = None) -> Path:
     """Figures + report.md under ``report_dir``; returns the path of report.md. With
     ``instance_export`` (an export of the instance stage) also its predicted instances, one
-    colour per instance, and its validation metrics."""
+    colour per instance, and its validation metrics; with ``ssda_run`` (a domain-adaptation
+    run directory) also its Matching Geometry Sampling and Cross-Domain DepthMix figures
+    (:func:`ssda_figures`)."""
     from sdeseg.exports import load_depth_model, load_model, load_seg_model
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +325,8 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
     if instances is not None:
         instances.require("instance")
         fig_instances(batch, instances.net, instances.info["instance"]["grouping"], report_dir / "instances.png")
+
+    ssda = ssda_figures(Path(ssda_run), report_dir) if ssda_run else None
 
     lines = ["# sdeseg demo report", "", "## Summary", "", "| metric | value |", "| --- | --- |"]
     for k, v in sorted(summary.items()):
@@ -253,6 +350,8 @@ def write_report(report_dir: Path, data_root: Path, runs: Path, sde_export: str,
                ("curves", "Loss and metric curves")]
     if instances is not None:
         figures.append(("instances", "Ground-truth vs predicted instances, one colour per instance (instance stage)"))
+    if ssda is not None:
+        figures += [(name, f"{caption} ({ssda_run})") for name, caption in SSDA_FIGURES]
     for name, caption in figures:
         lines += [f"### {caption}", "", f"![{caption}]({name}.png)", ""]
     path = report_dir / "report.md"

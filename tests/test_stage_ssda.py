@@ -56,6 +56,27 @@ def test_ssda_trains_with_both_domains_and_keeps_their_keys(synthetic_root, game
         assert len(step_keys) == 10 and all(k.startswith("synth-game/") for k in step_keys[4:])
 
 
+def test_report_figures_show_the_stage_choice_and_mix(synthetic_root, game_root, exports, tmp_path):
+    """sdeseg.report.ssda_figures on a finished run: per target the candidate with the smallest
+    criterion is the chosen one, the random one is another, the mix keeps the source's labels;
+    a run of another stage is refused by name."""
+    from sdeseg.report import ssda_figures, ssda_run_files
+
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=1"), tmp_path / "run")
+    info = ssda_figures(tmp_path / "run", tmp_path / "fig", n=2)
+    crit = torch.tensor(info["criterion"])
+    assert crit.shape == (2, 3) and (crit >= 0).all()  # 2 targets, the run's 3 candidates
+    assert info["chosen"] == crit.argmin(1).tolist()
+    assert all(r != c for r, c in zip(info["random"], info["chosen"]))
+    assert 0.0 < info["source_share"] < 1.0
+    assert all((tmp_path / "fig" / f).stat().st_size > 5_000 for f in ("geometry.png", "cross_mix.png"))
+    semi = tmp_path / "semi"
+    run_in_process(tiny_config("demo_semiseg", synthetic_root, f"semiseg.sde_checkpoint={exports['city']}",
+                               "train.steps=1"), semi)
+    with pytest.raises(ConfigError, match="stage 'semiseg', not a domain-adaptation run"):
+        ssda_run_files(semi)
+
+
 def test_source_plus_target_supervised_row_has_no_target_pseudo_labels(synthetic_root, game_root, exports, tmp_path):
     """The ablation's base row: semiseg.pseudo_label=false drops the within-target term (it was
     ignored by this stage before), cross_mix=false the cross-domain one; the source loss stays."""
@@ -124,6 +145,8 @@ def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resu
     assert f"{100 * score['seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (G)"))
     assert "| (3) + within-target DepthMix | not run |" in table
     assert "- full − srctgt: **" in table and "full − within" not in table
+    assert "![Matching Geometry Sampling" in table and "(geometry.png)" in table and "(cross_mix.png)" in table
+    assert all((tmp_path / f).stat().st_size > 10_000 for f in ("geometry.png", "cross_mix.png"))
     stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")}
     assert len(stamps) == 3 and main(args) == 0
     assert {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")} == stamps

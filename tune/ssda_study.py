@@ -185,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                 run_row(args, row, seed)
     table = write_table(out, args.seeds)
     out.mkdir(parents=True, exist_ok=True)
+    full = run_dir(out, "full", args.seeds[0])
+    if (full / "summary.json").exists():  # what the full row's pairing and mixing look like
+        from sdeseg.report import SSDA_FIGURES, ssda_figures
+
+        share = ssda_figures(full, out)["source_share"]
+        table += (f"\nFigures of {full.name} (`sdeseg.report.ssda_figures`; source share of these mixes "
+                  f"{share:.0%}):\n\n")
+        table += "\n\n".join(f"![{caption}]({name}.png)" for name, caption in SSDA_FIGURES) + "\n"
     (out / "ssda.md").write_text(table)
     print(table)
     return 0

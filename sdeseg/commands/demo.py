@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(AVX512-BF16, AMX), where it is faster (BENCHMARKS.md), else fp32")
     p.add_argument("--instance-model", default=None,
                    help="an instance export (sdeseg train demo_instance ...): the report also shows its instances")
+    p.add_argument("--ssda-run", default=None,
+                   help="a domain-adaptation run directory (sdeseg train demo_ssda --run-dir ...): the report also "
+                   "shows its Matching Geometry Sampling choices and Cross-Domain DepthMix mixes")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to both stages, e.g. runtime.num_workers=1")
 
 
@@ -113,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
     from sdeseg.data.manifest import MANIFEST_NAME
     from sdeseg.report import print_summary_table, write_report
 
+    if args.ssda_run:  # before minutes of training, not after
+        from sdeseg.report import ssda_run_files
+
+        ssda_run_files(args.ssda_run)
+    if args.instance_model:
+        from sdeseg.exports import load_model
+
+        load_model(args.instance_model).require("instance")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data).resolve() if args.data else out / "data" / "synthetic"
@@ -159,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         summary["seg/miou_supervised_baseline"] = baseline["seg/miou"]
     report_path = write_report(out / "report", data_root, out / "runs", sde_export,
                                seg["exports"].get("best") or seg["exports"]["last"], summary, seg_cfg,
-                               instance_export=args.instance_model)
+                               instance_export=args.instance_model, ssda_run=args.ssda_run)
     times["report"] = time.perf_counter() - t0
     summary.update({f"time/{k}_s": v for k, v in times.items()})
     summary["precision"] = args.precision

@@ -27,7 +27,7 @@ from sdeseg.data.manifest import DatasetError
 from sdeseg.data.shardio import ShardIndex
 from sdeseg.exports import load_depth_model, read_export
 from sdeseg.losses.seg import pixel_cross_entropy, pseudo_label_seg_loss, supervised_seg_loss
-from sdeseg.mixing import cross_domain_depth_mix, match_geometry, strong_augment
+from sdeseg.mixing import cross_domain_depth_mix, geometry_distance, strong_augment
 from sdeseg.models import EMATeacher
 from sdeseg.optim import param_groups
 from sdeseg.runtime import Progress, StageContext, StageResult, StepMeter, TrainState
@@ -77,26 +77,33 @@ def source_stream(cfg: Config, ctx: StageContext):
 
 
 @torch.no_grad()
-def matched_source(src, ub, target_net, source_net, cfg: Config, autocast):
-    """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth);
-    with one candidate and no Cross-Domain DepthMix no depth is needed: (indices, None, None)."""
+def geometry_criterion(target_images, source_images, target_net, source_net, cfg: Config, autocast):
+    """Matching Geometry Sampling's criterion (B,K) of each of the B targets' K = len(source)/B
+    candidates (candidates of target i: rows i*K .. i*K+K-1 of ``source_images``), the source
+    depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network."""
     s = cfg.ssda
-    b, k = ub.images[0].shape[0], s.mgs_candidates
-    if k == 1 and not s.cross_mix:
-        return torch.arange(b, device=ub.images[0].device), None, None
+    b = target_images.shape[0]
     with autocast():
-        t_disp = target_net(ub.images[0])[("disp", 0)].float()
-        s_disp = source_net(src.images[0])[("disp", 0)].float()
+        t_disp = target_net(target_images)[("disp", 0)].float()
+        s_disp = source_net(source_images)[("disp", 0)].float()
     t_depth, s_depth = target_net.depth_range.depth(t_disp), source_net.depth_range.depth(s_disp)
     h = t_depth.shape[-2]
     top, bottom = int(round(s.ignore_top * h)), int(round(s.ignore_bottom * h))
-    if k == 1:
-        choice = torch.zeros(b, dtype=torch.long, device=t_depth.device)
-    elif s.match == "official":  # raw disparities, as the official code compares them
-        choice = match_geometry(t_disp[:, 0], s_disp.view(b, k, *s_disp.shape[-2:]), top, bottom, mode="official")
-    else:
-        choice = match_geometry(t_depth[:, 0], s_depth.view(b, k, *s_depth.shape[-2:]), top, bottom)
-    pick = torch.arange(b, device=choice.device) * k + choice
+    t, src = (t_disp, s_disp) if s.match == "official" else (t_depth, s_depth)  # official: raw disparities
+    criterion = geometry_distance(t[:, 0], src.view(b, -1, *src.shape[-2:]), top, bottom, mode=s.match)
+    return criterion, s_depth, t_depth
+
+
+def matched_source(src, ub, target_net, source_net, cfg: Config, autocast):
+    """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth);
+    with one candidate and no Cross-Domain DepthMix no depth is needed: (indices, None, None).
+    The match is :func:`sdeseg.mixing.match_geometry`'s (the first smallest criterion)."""
+    b, k = ub.images[0].shape[0], cfg.ssda.mgs_candidates
+    if k == 1 and not cfg.ssda.cross_mix:
+        return torch.arange(b, device=ub.images[0].device), None, None
+    criterion, s_depth, t_depth = geometry_criterion(ub.images[0], src.images[0], target_net, source_net, cfg,
+                                                     autocast)
+    pick = torch.arange(b, device=criterion.device) * k + criterion.argmin(dim=1)
     return pick, s_depth[pick], t_depth
 
 
@@ -136,10 +143,10 @@ def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config
     return {k: v.detach() for k, v in terms.items()} | {"seg/total": total.detach()} | stats
 
 
-def frozen_depth_net(path: str, ctx: StageContext):
-    """An SDE export's depth network, frozen, with its ``depth_range`` attached."""
+def frozen_depth_net(path: str, device: torch.device | str):
+    """An SDE export's depth network, frozen, on ``device``, with its ``depth_range`` attached."""
     net, depth_range = load_depth_model(read_export(path, "sde"))
-    net.requires_grad_(False).to(ctx.device)
+    net.requires_grad_(False).to(device)
     net.depth_range = depth_range
     return net
 
@@ -151,8 +158,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     check_labels(cfg, pool)
     model, target_net = build_models(cfg, ctx)
     if target_net is None:  # DepthMix is part of the method: the target's SDE depth is always used
-        target_net = frozen_depth_net(s.sde_checkpoint, ctx)
-    source_net = frozen_depth_net(cfg.ssda.source_sde_checkpoint, ctx)
+        target_net = frozen_depth_net(s.sde_checkpoint, ctx.device)
+    source_net = frozen_depth_net(cfg.ssda.source_sde_checkpoint, ctx.device)
     teacher = EMATeacher(model, s.ema_alpha_max)
     engine = ctx.build_engine(model, param_groups(model, cfg.optim))
     teacher.to(ctx.device)
