@@ -75,6 +75,11 @@ def test_report_figures_show_the_stage_choice_and_mix(synthetic_root, game_root,
                                "train.steps=1"), semi)
     with pytest.raises(ConfigError, match="stage 'semiseg', not a domain-adaptation run"):
         ssda_run_files(semi)
+    from sdeseg.cli import main
+
+    out = tmp_path / "demo"  # the demo refuses it before generating data or training
+    assert main(["demo", "--out", str(out), "--data", synthetic_root, "--ssda-run", str(semi)]) == 2
+    assert not out.exists()
 
 
 def test_source_plus_target_supervised_row_has_no_target_pseudo_labels(synthetic_root, game_root, exports, tmp_path):
