@@ -491,6 +491,7 @@ class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4  # heads / decoders
     encoder_lr: float | None = None  # None: same as lr
+    pose_lr: float | None = None  # pose network's own rate (multi-task); None: it follows encoder_lr / lr
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)
@@ -503,6 +504,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(self.encoder_lr is None or self.encoder_lr > 0, "optim.encoder_lr", "must be > 0")
+        _check(self.pose_lr is None or self.pose_lr > 0, "optim.pose_lr", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.step_size >= 1, "optim.step_size", "must be >= 1")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

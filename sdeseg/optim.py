@@ -10,20 +10,25 @@ from sdeseg.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two groups: encoder parameters (``cfg.encoder_lr``) and everything else (``cfg.lr``).
+    """Encoder parameters (``cfg.encoder_lr``), everything else (``cfg.lr``) and, when
+    ``cfg.pose_lr`` is set, the pose network's parameters on their own (the extension paper's
+    multi-task setting trains its pose net at 1e-6, i.e. keeps the SDE stage's one).
 
     A parameter belongs to the encoder when a component of its name is ``encoder``
-    (e.g. ``depth.encoder.layer1.0.conv1.weight``); frozen parameters are left out.
+    (e.g. ``depth.encoder.layer1.0.conv1.weight``), to the pose network when its name starts
+    with ``pose.``; frozen parameters are left out.
     """
-    enc, rest = [], []
+    enc, rest, pose = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (enc if "encoder" in name.split(".") else rest).append(p)
+        if cfg.pose_lr is not None and name.split(".")[0] == "pose":
+            pose.append(p)
+        else:
+            (enc if "encoder" in name.split(".") else rest).append(p)
     enc_lr = cfg.encoder_lr if cfg.encoder_lr is not None else cfg.lr
-    groups = [{"params": rest, "lr": cfg.lr, "name": "heads"}]
-    if enc:
-        groups.insert(0, {"params": enc, "lr": enc_lr, "name": "encoder"})
+    groups = [{"params": enc, "lr": enc_lr, "name": "encoder"}, {"params": rest, "lr": cfg.lr, "name": "heads"},
+              {"params": pose, "lr": cfg.pose_lr, "name": "pose"}]
     return [g for g in groups if g["params"]]
 
 

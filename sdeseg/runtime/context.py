@@ -201,8 +201,7 @@ class StageContext:
         if step % t.log_every == 0 or step == t.steps:
             summary = meter.summary(self.world_size)
             assert_finite(summary, step)
-            lrs = engine_lrs(engine)
-            self.log(step, summary | {"lr/encoder": lrs[0], "lr/heads": lrs[-1]})
+            self.log(step, summary | {f"lr/{name}": lr for name, lr in engine_lrs(engine).items()})
             if self.prometheus is not None:
                 self.prometheus.count_steps(meter.steps, meter.samples)
             meter.reset()

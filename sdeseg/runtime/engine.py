@@ -107,5 +107,6 @@ def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_
     return engine
 
 
-def engine_lrs(engine) -> list[float]:
-    return [float(g["lr"]) for g in engine.optimizer.param_groups]
+def engine_lrs(engine) -> dict[str, float]:
+    """Current learning rate of each parameter group, by its name (``sdeseg.optim.param_groups``)."""
+    return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(engine.optimizer.param_groups)}

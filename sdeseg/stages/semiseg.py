@@ -122,14 +122,21 @@ def train_step(engine, teacher, depth_net, lb, ub, cfg: Config, gen: torch.Gener
     if mix is not None:
         unsup = pseudo_label_seg_loss({("seg", 0): mixed_logits}, mix.probs, s, step, mix.weight)
         terms, stats = terms | unsup.terms, stats | unsup.stats
-    if cfg.model.multitask and ub is not None and -1 in ub.images:
-        seq_out = engine(ub.images_aug)
-        depth = sde_loss(ub.images, seq_out, ub.K, ub.inv_K, cfg.depth_loss).terms
-        terms["depth/total"] = cfg.depth_loss.weight * depth["depth/total"]
+    terms |= photometric_terms(engine, ub, cfg)
     total = sum(terms.values())
     engine.backward(total)
     engine.step()
     return {k: v.detach() for k, v in terms.items()} | {"seg/total": total.detach()} | stats
+
+
+def photometric_terms(engine, ub, cfg: Config) -> dict:
+    """The multi-task model's self-supervised depth loss on the unlabeled sequences (frames
+    -1, 0, 1 of ``ub``), as ``{"depth/total": depth_loss.weight * loss}``; ``{}`` without
+    ``model.multitask`` or without neighbour frames."""
+    if not (cfg.model.multitask and ub is not None and -1 in ub.images):
+        return {}
+    depth = sde_loss(ub.images, engine(ub.images_aug), ub.K, ub.inv_K, cfg.depth_loss).terms
+    return {"depth/total": cfg.depth_loss.weight * depth["depth/total"]}
 
 
 @torch.no_grad()

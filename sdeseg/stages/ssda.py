@@ -11,8 +11,11 @@ ground truth with weight 1, target pseudo-labels with the teacher's confident fr
 ``ssda.mgs_candidates=1`` the pairing is random (the ablation's "random pairing");
 ``semiseg.pseudo_label=false`` drops the within-target term and ``ssda.cross_mix=false`` the
 cross-domain one (with both: source + target supervised, the ablation's base row).
-Everything else — optimizer steps, EMA teacher, validation on the target, exports, exact
-resume — is the semi-supervised stage's, reused from ``sdeseg.stages.semiseg``.
+With ``model.multitask=true`` (the official full setting) the target stream carries sequences
+and the photometric loss on them is added, as in the semi-supervised stage; source frames are
+single images and have none. Everything else — optimizer steps, EMA teacher, validation on the
+target, exports, exact resume — is the semi-supervised stage's, reused from
+``sdeseg.stages.semiseg``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from sdeseg.stages.semiseg import (
     check_labels,
     finish,
     make_mixed_batch,
+    photometric_terms,
     validate_and_save,
 )
 
@@ -45,9 +49,6 @@ from sdeseg.stages.semiseg import (
 def preflight(cfg: Config) -> None:
     """The semi-supervised checks plus the source: labeled samples of its split, its SDE export."""
     semiseg.preflight(cfg)
-    if cfg.model.multitask:  # the target stream here carries centre frames only: no photometric loss
-        raise ConfigError("model.multitask: the domain-adaptation stage trains the segmentation model only "
-                          "(the official full setting's multi-task photometric loss is not built here yet)")
     s = cfg.ssda
     root = s.source_root or cfg.data.root
     index = ShardIndex.load(root)
@@ -137,6 +138,7 @@ def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config
         ce = pixel_cross_entropy(engine(image)[("seg", 0)], cross.label, s.ignore_index)
         terms["seg/cross"] = ss.cross_weight * (ce * cross.weight).mean()
         stats["ssda/source_share"] = cross.mask.float().mean()
+    terms |= photometric_terms(engine, ub, cfg)  # the official full setting's multi-task term (model.multitask)
     total = sum(terms.values())
     engine.backward(total)
     engine.step()
@@ -165,7 +167,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     teacher.to(ctx.device)
     gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)
     torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
-    stream = ctx.train_stream(frames=(0,), labels=False)
+    stream = ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=False)
     source = source_stream(cfg, ctx)
 
     progress = Progress()
