@@ -7,6 +7,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from sdeseg.config import ConfigError
 from sdeseg.launch import preflight, run_in_process
@@ -146,12 +147,13 @@ def test_bad_source_input_is_refused_before_workers_start(synthetic_root, game_r
 def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resumes(
         synthetic_root, game_root, exports, tmp_path):
     """tune.ssda_study on the tiny domains: three rows of one seed, the source-only model scored
-    on the target's test split, a table of what ran; a second call trains nothing again."""
+    on the target's test split, the multi-task full row, a table of what ran; a second call
+    trains nothing again."""
     from tune.ssda_study import main
 
     args = ["--target", synthetic_root, "--target-sde", exports["city"], "--source", game_root,
             "--source-sde", exports["game"], "--out", str(tmp_path), "--seeds", "0", "--labels", "4",
-            "--steps", "2", "--rows", "full", "srctgt", "sourceonly", "--overrides", *TINY,
+            "--steps", "2", "--rows", "full", "srctgt", "sourceonly", "fullmt", "--overrides", *TINY,
             "--source-overrides", "data.test_split=null", "data.val_split=train"]
     assert main(args) == 0
     full = json.loads((tmp_path / "full_s0" / "summary.json").read_text())
@@ -164,8 +166,12 @@ def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resu
     assert f"{100 * score['seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (G)"))
     assert "| (3) + within-target DepthMix | not run |" in table
     assert "- full − srctgt: **" in table and "full − within" not in table
+    mt = json.loads((tmp_path / "fullmt_s0" / "summary.json").read_text())
+    assert yaml.safe_load((tmp_path / "fullmt_s0" / "config.yaml").read_text())["model"]["multitask"] is True
+    assert f"{100 * mt['test/seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (6) full, multi"))
+    assert f"- fullmt − full: **{100 * (mt['test/seg/miou'] - full['test/seg/miou']):+.2f}**" in table
     assert "![Matching Geometry Sampling" in table and "(geometry.png)" in table and "(cross_mix.png)" in table
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ("geometry.png", "cross_mix.png"))
     stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")}
-    assert len(stamps) == 3 and main(args) == 0
+    assert len(stamps) == 4 and main(args) == 0
     assert {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")} == stamps
