@@ -230,6 +230,9 @@ class SsdaConfig:
     source_domain: str | None = None  # e.g. synth-game
     source_split: str = "train"
     source_sde_checkpoint: str | None = None  # the source's own SDE export (its depth)
+    # a derived dataset of that export's depth over the source (`sdeseg infer --outputs depth`):
+    # read instead of running the network on every candidate (None: computed online)
+    source_depth_root: str | None = None
     # source candidates per target image; the closest geometry wins (1: random pairing)
     mgs_candidates: int = 5
     # "median": each depth map over its own median (two SDE networks, two scales; the presets);

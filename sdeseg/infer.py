@@ -55,6 +55,7 @@ REGION_KINDS = ("depth", "colour")
 REGIONS_MEMBER = "regions.png"
 FEATURE_GRID = (4, 8)
 DERIVED_INFO = "derived.json"
+DEPTH_MEMBER = "pseudo_depth.npy"
 
 
 # ----------------------------------------------------------------------------- images of any size
@@ -260,7 +261,7 @@ def _derived_members(key: str, pred: dict[str, torch.Tensor], i: int, outputs: t
 
     m: dict[str, Any] = {"__key__": key}
     if "depth" in outputs:
-        m["pseudo_depth.npy"] = _encode_npy(pred["depth"][i, 0].cpu().numpy().astype(np.float32))
+        m[DEPTH_MEMBER] = _encode_npy(pred["depth"][i, 0].cpu().numpy().astype(np.float32))
     if "seg" in outputs or "probs" in outputs:
         probs = pred["logits"][i].softmax(0)
         if "seg" in outputs:

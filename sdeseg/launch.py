@@ -54,6 +54,7 @@ def preflight(cfg: Config) -> Config:
     cfg.select.sde_checkpoint = _absolute(cfg.select.sde_checkpoint)
     cfg.ssda.source_sde_checkpoint = _absolute(cfg.ssda.source_sde_checkpoint)
     cfg.ssda.source_root = _absolute(cfg.ssda.source_root)
+    cfg.ssda.source_depth_root = _absolute(cfg.ssda.source_depth_root)
     cfg.selftrain.pseudo_root = _absolute(cfg.selftrain.pseudo_root)
     cfg.semiseg.init_checkpoint = _absolute(cfg.semiseg.init_checkpoint)
     cfg.contrastive.regions_root = _absolute(cfg.contrastive.regions_root)

@@ -233,7 +233,7 @@ def ssda_figures(run_dir: Path, report_dir: Path, n: int = 3, seed: int = 0) -> 
 
     from sdeseg.exports import load_seg_model
     from sdeseg.mixing import cross_domain_depth_mix
-    from sdeseg.stages.ssda import frozen_depth_net, geometry_criterion
+    from sdeseg.stages.ssda import SourceDepth, frozen_depth_net, geometry_criterion
 
     cfg, export = ssda_run_files(run_dir)
     s = cfg.ssda
@@ -246,9 +246,8 @@ def ssda_figures(run_dir: Path, report_dir: Path, n: int = 3, seed: int = 0) -> 
     tgt = next(iter(target))
     n = len(tgt)
     target_net = frozen_depth_net(cfg.semiseg.sde_checkpoint, "cpu")
-    source_net = frozen_depth_net(s.source_sde_checkpoint, "cpu")
-    criterion, s_depth, t_depth = geometry_criterion(tgt.images[0], src.images[0], target_net, source_net, cfg,
-                                                     nullcontext)
+    source_depth = SourceDepth(cfg, "cpu", online=True)
+    criterion, s_depth, t_depth = geometry_criterion(tgt.images[0], src, target_net, source_depth, cfg, nullcontext)
     # the stage's choice: the closest of its K candidates (with one candidate, its first)
     chosen = criterion[:, :s.mgs_candidates].argmin(dim=1)
     gen = torch.Generator().manual_seed(seed)

@@ -112,6 +112,72 @@ def test_multitask_adds_the_photometric_loss_on_target_sequences(synthetic_root,
     assert keys and all(k.startswith("synth-game/") for step_keys in keys for k in step_keys[4:])
 
 
+@pytest.fixture(scope="module")
+def game_depth(game_root, exports, tmp_path_factory) -> str:
+    """The game SDE export's depth over the game images, as a derived dataset."""
+    from sdeseg.infer import infer_dataset
+
+    out = str(tmp_path_factory.mktemp("game_depth") / "depth")
+    infer_dataset(exports["game"], game_root, out, outputs=["depth"], batch_size=4)
+    return out
+
+
+def test_stored_source_depth_matches_the_network_on_the_batch(synthetic_root, game_root, exports, game_depth):
+    """ssda.source_depth_root: the stored depth of the full images, cropped and flipped as the
+    batch was, is the depth the source network gives the batch's own (here uncropped) images;
+    flipped samples are compared with the network's depth of the image flipped back."""
+    from contextlib import nullcontext
+
+    from sdeseg.data.reader import ShardStream
+    from sdeseg.stages.ssda import SourceDepth
+
+    cfg = _ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={game_depth}")
+    stream = ShardStream(game_root, batch_size=12, crop=(32, 64), augment=cfg.data.augment, frames=(0,),
+                         num_workers=0, seed=3)
+    batch = next(iter(stream))
+    flip = batch.geometry[:, 4].bool()
+    assert flip.any() and not flip.all()  # both kinds in the batch
+    stored = SourceDepth(cfg, "cpu")
+    assert stored.net is None  # no source network at all
+    disp, depth = stored(batch, nullcontext)
+    online = SourceDepth(cfg, "cpu", online=True)
+    unflipped = batch.images[0].clone()
+    unflipped[flip] = unflipped[flip].flip(-1)
+    batch.images[0] = unflipped
+    want_disp, want = online(batch, nullcontext)
+    want[flip], want_disp[flip] = want[flip].flip(-1), want_disp[flip].flip(-1)
+    assert depth.shape == want.shape == (12, 1, 32, 64)
+    torch.testing.assert_close(depth, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(disp, want_disp, rtol=1e-4, atol=1e-5)
+
+
+def test_stage_with_stored_source_depth_trains_and_refuses_other_depth(synthetic_root, game_root, exports,
+                                                                      game_depth, tmp_path):
+    """The stage reads the stored depth; depth of another export, of other images, or no depth
+    at all is refused before workers start, naming the setting."""
+    from sdeseg.infer import infer_dataset
+
+    cfg = _ssda(synthetic_root, game_root, exports, "train.steps=2", f"ssda.source_depth_root={game_depth}")
+    summary = run_in_process(cfg, tmp_path / "run")
+    assert summary["steps"] == 2
+    train = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["seg/cross"] > 0 and 0 < r["ssda/source_share"] < 1 for r in train if r["kind"] == "train")
+    wrong_model = str(tmp_path / "city_model")
+    infer_dataset(exports["city"], game_root, wrong_model, outputs=["depth"])
+    with pytest.raises(ConfigError, match=r"ssda.source_depth_root: .* not with ssda.source_sde_checkpoint"):
+        preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={wrong_model}"))
+    wrong_images = str(tmp_path / "city_images")
+    infer_dataset(exports["game"], synthetic_root, wrong_images, outputs=["depth"], split="val")
+    with pytest.raises(ConfigError, match=r"has no depth for 12 of the 12 source samples"):
+        preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={wrong_images}"))
+    features = str(tmp_path / "features")
+    infer_dataset(exports["game"], game_root, features, outputs=["features"])
+    with pytest.raises(ConfigError, match=r"holds \['features'\], no depth"):
+        preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={features}"))
+    with pytest.raises(ConfigError, match="ssda.source_depth_root: .*derived.json does not exist"):
+        preflight(_ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={game_root}"))
+
+
 def test_ssda_resumes_exactly(synthetic_root, game_root, exports, tmp_path):
     run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=6"), tmp_path / "a")
     run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=3"), tmp_path / "b")
@@ -168,7 +234,8 @@ def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resu
     assert "- full − srctgt: **" in table and "full − within" not in table
     mt = json.loads((tmp_path / "fullmt_s0" / "summary.json").read_text())
     assert yaml.safe_load((tmp_path / "fullmt_s0" / "config.yaml").read_text())["model"]["multitask"] is True
-    assert f"{100 * mt['test/seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (6) full, multi"))
+    mt_line = next(x for x in table.splitlines() if x.startswith("| (6) full, multi"))
+    assert f"{100 * mt['test/seg/miou']:.2f}" in mt_line
     assert f"- fullmt − full: **{100 * (mt['test/seg/miou'] - full['test/seg/miou']):+.2f}**" in table
     assert "![Matching Geometry Sampling" in table and "(geometry.png)" in table and "(cross_mix.png)" in table
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ("geometry.png", "cross_mix.png"))

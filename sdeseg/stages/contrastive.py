@@ -40,16 +40,13 @@ from sdeseg.data.manifest import DatasetError
 from sdeseg.data.shardio import ShardIndex
 from sdeseg.evaluate import seg_summary
 from sdeseg.exports import read_export, read_init_export
-from sdeseg.infer import REGIONS_MEMBER
+from sdeseg.infer import DEPTH_MEMBER, REGIONS_MEMBER
 from sdeseg.losses.contrastive import copy_paste_contrastive_loss
 from sdeseg.mixing import strong_augment
 from sdeseg.models import build_contrastive_model, transfer_from_sde
 from sdeseg.optim import param_groups
 from sdeseg.runtime import Progress, StageContext, StageResult, StepMeter, TrainState
 from sdeseg.unsup_eval import ClusterMatchMetric, assign_clusters, cluster_prototypes
-
-DEPTH_MEMBER = "pseudo_depth.npy"
-
 
 # ----------------------------------------------------------------------------- checks before workers start
 

@@ -25,13 +25,16 @@ import time
 import torch
 
 from sdeseg.config import Config, ConfigError
+from sdeseg.data.augment import apply_geometry
+from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.labeled import labeled_keys_for
 from sdeseg.data.manifest import DatasetError
 from sdeseg.data.shardio import ShardIndex
 from sdeseg.exports import load_depth_model, read_export
+from sdeseg.infer import DEPTH_MEMBER
 from sdeseg.losses.seg import pixel_cross_entropy, pseudo_label_seg_loss, supervised_seg_loss
 from sdeseg.mixing import cross_domain_depth_mix, geometry_distance, strong_augment
-from sdeseg.models import EMATeacher
+from sdeseg.models import DepthRange, EMATeacher
 from sdeseg.optim import param_groups
 from sdeseg.runtime import Progress, StageContext, StageResult, StepMeter, TrainState
 from sdeseg.stages import semiseg
@@ -68,6 +71,64 @@ def preflight(cfg: Config) -> None:
                           "Geometry Sampling, Cross-Domain DepthMix); set it to the target's export "
                           f"({cfg.semiseg.sde_checkpoint}) only as the documented weaker fallback")
     read_export(s.source_sde_checkpoint, "sde")
+    if s.source_depth_root:
+        check_source_depth(s.source_depth_root, s.source_sde_checkpoint, index, rows)
+
+
+def check_source_depth(root: str, export_path: str, index: ShardIndex, rows: list[dict]) -> None:
+    """``ssda.source_depth_root`` must be depth from the source's own SDE export (the same
+    file, by digest) for every source sample, at the images' stored size."""
+    from sdeseg.infer import file_digest
+
+    try:
+        derived = DerivedDataset(root)
+    except (DatasetError, FileNotFoundError) as e:
+        raise ConfigError(f"ssda.source_depth_root: {e}") from e
+    settings = derived.info.get("settings", {})
+    if "depth" not in settings.get("outputs", []):
+        raise ConfigError(f"ssda.source_depth_root: {root} holds {settings.get('outputs')}, no depth "
+                          f"(sdeseg infer --model {export_path} --data <source> --out {root} --outputs depth)")
+    if settings.get("model_digest") != file_digest(export_path):
+        raise ConfigError(f"ssda.source_depth_root: {root} was made with {settings.get('model')}, not with "
+                          f"ssda.source_sde_checkpoint={export_path} (another file)")
+    if settings.get("size") is not None:
+        raise ConfigError(f"ssda.source_depth_root: {root} was made at a working size {settings['size']}; make it at "
+                          "the images' own size (no --size)")
+    missing = [r["key"] for r in rows if r["key"] not in derived]
+    if missing:
+        raise ConfigError(f"ssda.source_depth_root: {root} has no depth for {len(missing)} of the {len(rows)} "
+                          f"source samples, e.g. {missing[:3]}")
+    other = next((r for r in rows if (derived.index.rows[r["key"]]["height"], derived.index.rows[r["key"]]["width"])
+                  != (r["height"], r["width"])), None)
+    if other is not None:
+        d = derived.index.rows[other["key"]]
+        raise ConfigError(f"ssda.source_depth_root: depth of {other['key']} is {d['height']}x{d['width']}, the image "
+                          f"is {other['height']}x{other['width']}")
+
+
+class SourceDepth:
+    """The source candidates' SDE depth: the source export's network run on each batch, or, with
+    ``ssda.source_depth_root``, that network's depth of the full stored images read from a
+    derived dataset and cropped and flipped as the batch was (``Batch.geometry``): no source
+    forward pass per step. ``online=True`` ignores the derived dataset."""
+
+    def __init__(self, cfg: Config, device, online: bool = False):
+        s = cfg.ssda
+        self.derived = None if online or not s.source_depth_root else DerivedDataset(s.source_depth_root)
+        self.net = frozen_depth_net(s.source_sde_checkpoint, device) if self.derived is None else None
+        self.depth_range = (self.net.depth_range if self.net is not None else
+                            DepthRange.from_dict(read_export(s.source_sde_checkpoint, "sde")["depth_range"]))
+
+    @torch.no_grad()
+    def __call__(self, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmoid disparity, depth) of ``batch``'s centre frames, each (N,1,h,w) float32."""
+        if self.derived is None:
+            with autocast():
+                disp = self.net(batch.images[0])[("disp", 0)].float()
+            return disp, self.depth_range.depth(disp)
+        depth = apply_geometry(self.derived.join(batch.keys, DEPTH_MEMBER).float(), batch.geometry.cpu())
+        depth = depth.unsqueeze(1).to(batch.images[0].device)
+        return self.depth_range.sigmoid(depth), depth
 
 
 def source_stream(cfg: Config, ctx: StageContext):
@@ -78,42 +139,41 @@ def source_stream(cfg: Config, ctx: StageContext):
 
 
 @torch.no_grad()
-def geometry_criterion(target_images, source_images, target_net, source_net, cfg: Config, autocast):
-    """Matching Geometry Sampling's criterion (B,K) of each of the B targets' K = len(source)/B
-    candidates (candidates of target i: rows i*K .. i*K+K-1 of ``source_images``), the source
-    depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network."""
+def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth, cfg: Config, autocast):
+    """Matching Geometry Sampling's criterion (B,K) of each of the B targets' K = len(src)/B
+    candidates (candidates of target i: rows i*K .. i*K+K-1 of the source batch ``src``), the
+    source depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network."""
     s = cfg.ssda
     b = target_images.shape[0]
     with autocast():
         t_disp = target_net(target_images)[("disp", 0)].float()
-        s_disp = source_net(source_images)[("disp", 0)].float()
-    t_depth, s_depth = target_net.depth_range.depth(t_disp), source_net.depth_range.depth(s_disp)
+    t_depth = target_net.depth_range.depth(t_disp)
+    s_disp, s_depth = source_depth(src, autocast)
     h = t_depth.shape[-2]
     top, bottom = int(round(s.ignore_top * h)), int(round(s.ignore_bottom * h))
-    t, src = (t_disp, s_disp) if s.match == "official" else (t_depth, s_depth)  # official: raw disparities
-    criterion = geometry_distance(t[:, 0], src.view(b, -1, *src.shape[-2:]), top, bottom, mode=s.match)
+    t, source = (t_disp, s_disp) if s.match == "official" else (t_depth, s_depth)  # official: raw disparities
+    criterion = geometry_distance(t[:, 0], source.view(b, -1, *source.shape[-2:]), top, bottom, mode=s.match)
     return criterion, s_depth, t_depth
 
 
-def matched_source(src, ub, target_net, source_net, cfg: Config, autocast):
+def matched_source(src, ub, target_net, source_depth: SourceDepth, cfg: Config, autocast):
     """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth);
     with one candidate and no Cross-Domain DepthMix no depth is needed: (indices, None, None).
     The match is :func:`sdeseg.mixing.match_geometry`'s (the first smallest criterion)."""
     b, k = ub.images[0].shape[0], cfg.ssda.mgs_candidates
     if k == 1 and not cfg.ssda.cross_mix:
         return torch.arange(b, device=ub.images[0].device), None, None
-    criterion, s_depth, t_depth = geometry_criterion(ub.images[0], src.images[0], target_net, source_net, cfg,
-                                                     autocast)
+    criterion, s_depth, t_depth = geometry_criterion(ub.images[0], src, target_net, source_depth, cfg, autocast)
     pick = torch.arange(b, device=criterion.device) * k + criterion.argmin(dim=1)
     return pick, s_depth[pick], t_depth
 
 
-def train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg: Config, gen: torch.Generator, step: int,
-               autocast) -> dict:
+def train_step(engine, teacher, target_net, source_depth: SourceDepth, lb, ub, src, cfg: Config,
+               gen: torch.Generator, step: int, autocast) -> dict:
     """Forward and backward of one micro-batch; returns detached loss terms and statistics."""
     s, ss = cfg.semiseg, cfg.ssda
     engine.train()
-    pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_net, cfg, autocast)
+    pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_depth, cfg, autocast)
     src_images, src_label = src.images[0][pick], src.label[pick]
     terms, stats = {}, {}
     n_lab = lb.images_aug[0].shape[0]
@@ -161,7 +221,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     model, target_net = build_models(cfg, ctx)
     if target_net is None:  # DepthMix is part of the method: the target's SDE depth is always used
         target_net = frozen_depth_net(s.sde_checkpoint, ctx.device)
-    source_net = frozen_depth_net(cfg.ssda.source_sde_checkpoint, ctx.device)
+    source_depth = SourceDepth(cfg, ctx.device)
     teacher = EMATeacher(model, s.ema_alpha_max)
     engine = ctx.build_engine(model, param_groups(model, cfg.optim))
     teacher.to(ctx.device)
@@ -185,7 +245,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             if src.label is None:
                 raise DatasetError(f"ssda: a source batch without labels ({src.keys[:2]}...)")
             data_time = time.perf_counter() - t0
-            losses = train_step(engine, teacher, target_net, source_net, lb, ub, src, cfg, gen, progress.step,
+            losses = train_step(engine, teacher, target_net, source_depth, lb, ub, src, cfg, gen, progress.step,
                                 ctx.autocast)
             meter.update(losses, len(lb) + len(ub) + len(src), data_time)
             if t.log_keys:
