@@ -57,6 +57,21 @@ class DerivedDataset:
     def __len__(self) -> int:
         return len(self.index.rows)
 
+    def check_covers(self, rows: Iterable[dict[str, Any]], what: str, of: str = "samples") -> None:
+        """DatasetError unless every source manifest row (``key``, ``height``, ``width``) has a
+        derived sample here at the image's stored size; ``what`` names the member in the message
+        (e.g. "depth"), ``of`` the rows (e.g. "source samples")."""
+        rows = list(rows)
+        missing = [r["key"] for r in rows if r["key"] not in self]
+        if missing:
+            raise DatasetError(f"{self.root} has no {what} for {len(missing)} of the {len(rows)} {of}, "
+                               f"e.g. {missing[:3]}")
+        for r in rows:
+            d = self.index.rows[r["key"]]
+            if (d["height"], d["width"]) != (r["height"], r["width"]):
+                raise DatasetError(f"{self.root}: {what} of {r['key']} is {d['height']}x{d['width']}, the image is "
+                                   f"{r['height']}x{r['width']}")
+
     def read(self, keys: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
         """``{key: {member name: array}}`` for ``keys``; DatasetError naming missing keys."""
         keys = list(keys)

@@ -78,17 +78,12 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"contrastive.regions: {c.regions!r} but {c.regions_root} holds {settings.get('regions')!r} "
                           f"regions (make it with --regions {c.regions}, or set contrastive.regions)")
     index = ShardIndex.load(d.root)
-    train = [index.shard_keys[s][i] for s, pos in index.select(d.train_split, d.domain).items() for i in pos]
-    missing = [k for k in train if k not in regions]
-    if missing:
-        raise ConfigError(f"contrastive.regions_root: {c.regions_root} has no regions for {len(missing)} of the "
-                          f"{len(train)} training samples of {d.root}, e.g. {missing[:3]}")
-    resized = [k for k in train if (regions.index.rows[k]["height"], regions.index.rows[k]["width"])
-               != (index.rows[k]["height"], index.rows[k]["width"])]
-    if resized:
-        raise ConfigError(f"contrastive.regions_root: regions of {resized[0]} are "
-                          f"{regions.index.rows[resized[0]]['height']}x{regions.index.rows[resized[0]]['width']}, "
-                          f"the image is {index.rows[resized[0]]['height']}x{index.rows[resized[0]]['width']}")
+    selected = index.select(d.train_split, d.domain)
+    train = [index.rows[index.shard_keys[shard][i]] for shard, pos in selected.items() for i in pos]
+    try:
+        regions.check_covers(train, "regions", of="training samples")
+    except DatasetError as e:
+        raise ConfigError(f"contrastive.regions_root: {e}") from e
     if c.init_checkpoint:
         read_init_export(c.init_checkpoint, "sde", cfg.model, "contrastive.init_checkpoint")
 

@@ -72,10 +72,10 @@ def preflight(cfg: Config) -> None:
                           f"({cfg.semiseg.sde_checkpoint}) only as the documented weaker fallback")
     read_export(s.source_sde_checkpoint, "sde")
     if s.source_depth_root:
-        check_source_depth(s.source_depth_root, s.source_sde_checkpoint, index, rows)
+        check_source_depth(s.source_depth_root, s.source_sde_checkpoint, rows)
 
 
-def check_source_depth(root: str, export_path: str, index: ShardIndex, rows: list[dict]) -> None:
+def check_source_depth(root: str, export_path: str, rows: list[dict]) -> None:
     """``ssda.source_depth_root`` must be depth from the source's own SDE export (the same
     file, by digest) for every source sample, at the images' stored size."""
     from sdeseg.infer import file_digest
@@ -94,16 +94,10 @@ def check_source_depth(root: str, export_path: str, index: ShardIndex, rows: lis
     if settings.get("size") is not None:
         raise ConfigError(f"ssda.source_depth_root: {root} was made at a working size {settings['size']}; make it at "
                           "the images' own size (no --size)")
-    missing = [r["key"] for r in rows if r["key"] not in derived]
-    if missing:
-        raise ConfigError(f"ssda.source_depth_root: {root} has no depth for {len(missing)} of the {len(rows)} "
-                          f"source samples, e.g. {missing[:3]}")
-    other = next((r for r in rows if (derived.index.rows[r["key"]]["height"], derived.index.rows[r["key"]]["width"])
-                  != (r["height"], r["width"])), None)
-    if other is not None:
-        d = derived.index.rows[other["key"]]
-        raise ConfigError(f"ssda.source_depth_root: depth of {other['key']} is {d['height']}x{d['width']}, the image "
-                          f"is {other['height']}x{other['width']}")
+    try:
+        derived.check_covers(rows, "depth", of="source samples")
+    except DatasetError as e:
+        raise ConfigError(f"ssda.source_depth_root: {e}") from e
 
 
 class SourceDepth:
