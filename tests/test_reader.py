@@ -158,6 +158,93 @@ def test_too_few_samples_for_one_batch_per_rank(even_ds):
         stream(even_ds, batch_size=8, world_size=4, num_workers=1)
 
 
+# ----------------------------------------------------------------------------- derived maps
+
+
+def make_derived(root, source, members_of, *, drop=(), height=H):
+    """A derived dataset of ``source`` (``sdeseg infer``'s layout: tar shards, manifest,
+    derived.json) whose sample ``key`` holds ``members_of(key, centre frame (H,W,3) uint8)``;
+    keys in ``drop`` are left out, ``height`` is recorded as the stored size."""
+    import tarfile
+
+    from data_prep.shards import write_tar_sample
+    from sdeseg.data.shardio import ShardIndex, decode_members, scan_shard
+
+    index = ShardIndex.load(source)
+    rows = []
+    root.mkdir()
+    for shard, keys in index.shard_keys.items():
+        with tarfile.open(root / shard, "w") as tar:
+            for _, m in scan_shard(source, shard, keys, range(len(keys))):
+                key = m["__key__"]
+                if key in drop:
+                    continue
+                write_tar_sample(tar, {"__key__": key, **members_of(key, decode_members(m, (0,))["frames"][0])})
+                rows.append({**index.rows[key], "index": sum(r["shard"] == shard for r in rows), "has_label": False,
+                             "height": height})
+    write_manifest(str(root), rows)
+    (root / "derived.json").write_text(json.dumps({"settings": {"outputs": ["test"]}}))
+    return str(root)
+
+
+def red_and_ids(key, frame):
+    """Two maps of a sample a test can check pixel by pixel: the red channel of its centre frame
+    (float32) and a per-key ramp (int64)."""
+    ramp = np.arange(H * W, dtype=np.int64).reshape(H, W) + 1000 * int(key[-4:])
+    return {"red.npy": encode_npy(frame[..., 0].astype(np.float32)), "ids.npy": encode_npy(ramp)}
+
+
+@pytest.fixture(scope="module")
+def derived_ds(even_ds, tmp_path_factory):
+    return make_derived(tmp_path_factory.mktemp("derived") / "d", even_ds, red_and_ids)
+
+
+def test_derived_maps_are_cropped_and_flipped_with_the_images(even_ds, derived_ds):
+    joins = {"red": (derived_ds, "red.npy"), "ids": (derived_ds, "ids.npy")}
+    batches = list(stream(even_ds, batch_size=4, epochs=2, derived=joins))
+    flips = torch.cat([b.geometry[:, 4] for b in batches])
+    assert 0 < int(flips.sum()) < len(flips)  # both kinds
+    for b in batches:
+        assert set(b.derived) == {"red", "ids"} and b.derived["red"].shape == (4, *CROP)
+        # the red channel of the (unjittered) images, pixel for pixel
+        assert torch.equal(b.derived["red"], b.images[0][:, 0].mul(255).round())
+        for i, (y0, x0, h, w, flip) in enumerate(b.geometry.tolist()):
+            want = torch.arange(H * W).reshape(H, W)[y0:y0 + h, x0:x0 + w] + 1000 * int(b.keys[i][-4:])
+            assert torch.equal(b.derived["ids"][i], want.flip(-1) if flip else want)
+
+
+def test_derived_maps_travel_from_workers_and_resume(even_ds, derived_ds):
+    joins = {"ids": (derived_ds, "ids.npy")}
+    ref = list(stream(even_ds, num_workers=0, epochs=2, derived=joins))
+    workers = list(stream(even_ds, num_workers=1, epochs=2, derived=joins))
+    first = stream(even_ds, num_workers=1, epochs=2, derived=joins)
+    it = iter(first)
+    consumed = [next(it) for _ in range(5)]
+    resumed = stream(even_ds, num_workers=1, epochs=2, derived=joins)
+    resumed.load_state_dict(first.state_dict())
+    del it
+    for run in (workers, consumed + list(resumed)):
+        same_batches(run, ref)
+        assert all(torch.equal(a.derived["ids"], b.derived["ids"]) for a, b in zip(run, ref))
+
+
+def test_derived_datasets_that_do_not_fit_are_refused(even_ds, tmp_path):
+    missing = make_derived(tmp_path / "missing", even_ds, red_and_ids, drop={"syn/train/0003"})
+    with pytest.raises(DatasetError, match=r"missing has no red.npy for 1 of the 24 samples of split 'train' of "
+                                           r".*even.*syn/train/0003"):
+        stream(even_ds, derived={"red": (missing, "red.npy")})
+    other_size = make_derived(tmp_path / "other_size", even_ds, red_and_ids, height=H // 2)
+    with pytest.raises(DatasetError, match=rf"red.npy of syn/train/\d+ is {H // 2}x{W}, the image is {H}x{W}"):
+        stream(even_ds, derived={"red": (other_size, "red.npy")})
+    with pytest.raises(DatasetError, match="derived.json does not exist"):
+        stream(even_ds, derived={"red": (even_ds, "red.npy")})
+    no_member = stream(even_ds, derived={"depth": (make_derived(tmp_path / "d", even_ds, red_and_ids),
+                                                   "pseudo_depth.npy")})
+    with pytest.raises(DatasetError, match=r"no member 'pseudo_depth.npy' \(for 'depth'\); it holds \['ids.npy', "
+                                           r"'red.npy'\]"):
+        next(iter(no_member))
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -85,12 +85,14 @@ def test_regions_are_a_derived_dataset_of_the_sde_depth_joined_by_key(synthetic_
 
 def test_a_group_is_pasted_into_two_views_of_shared_identities(synthetic_root, colour_regions):
     from sdeseg.data.reader import make_loader
+    from sdeseg.infer import DEPTH_MEMBER, REGIONS_MEMBER
     from sdeseg.stages.contrastive import group_maps, make_views
 
     cfg = _cfg(synthetic_root, colour_regions, "contrastive.regions=colour", "data.batch_size=4")
-    batch = next(iter(make_loader(cfg.data, frames=(0,), labels=False, seed=1)))
+    derived = {"depth": (colour_regions, DEPTH_MEMBER), "regions": (colour_regions, REGIONS_MEMBER)}
+    batch = next(iter(make_loader(cfg.data, frames=(0,), labels=False, seed=1, derived=derived)))
     assert batch.label is None  # the training stream never reads labels
-    depth, ids = group_maps(DerivedDataset(colour_regions), batch)
+    depth, ids = group_maps(batch)
     assert depth.shape == ids.shape == (4, 32, 64) and bool((depth > 0).all())
     views = make_views(batch.images[0], depth, ids, cfg, torch.Generator().manual_seed(0))
     (img_a, region_a, pixel_a), (img_b, region_b, pixel_b) = views

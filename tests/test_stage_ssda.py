@@ -129,11 +129,12 @@ def test_stored_source_depth_matches_the_network_on_the_batch(synthetic_root, ga
     from contextlib import nullcontext
 
     from sdeseg.data.reader import ShardStream
-    from sdeseg.stages.ssda import SourceDepth
+    from sdeseg.infer import DEPTH_MEMBER
+    from sdeseg.stages.ssda import SOURCE_DEPTH, SourceDepth
 
     cfg = _ssda(synthetic_root, game_root, exports, f"ssda.source_depth_root={game_depth}")
     stream = ShardStream(game_root, batch_size=12, crop=(32, 64), augment=cfg.data.augment, frames=(0,),
-                         num_workers=0, seed=3)
+                         num_workers=0, seed=3, derived={SOURCE_DEPTH: (game_depth, DEPTH_MEMBER)})
     batch = next(iter(stream))
     flip = batch.geometry[:, 4].bool()
     assert flip.any() and not flip.all()  # both kinds in the batch

@@ -25,6 +25,8 @@ class Batch:
     instance: (B,H,W) int64 Cityscapes instanceIds (``instance.png``, cropped and flipped with
         the label), 0 ("unlabeled", void) for samples without a map; None when no sample has one
         (and in unlabeled streams, which drop it with the label).
+    derived: name -> (B,H,W) maps joined by key from derived datasets (``ShardStream(derived=)``:
+        pseudo-depth, regions, pseudo-masks), cropped and flipped like the images; None without.
     """
 
     keys: list[str]
@@ -37,6 +39,7 @@ class Batch:
     T: dict[int, torch.Tensor] | None = None
     geometry: torch.Tensor | None = None
     instance: torch.Tensor | None = None
+    derived: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

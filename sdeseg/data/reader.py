@@ -39,6 +39,8 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
    following batches are bit-identical to those of an uninterrupted stream. The position
    is exact for the same layout (world size, W, batch size, sample count, seed);
    ``load_state_dict`` refuses another layout unless ``strict=False`` (next epoch start).
+   Maps joined from derived datasets (``derived=``) are functions of the keys, so they
+   resume with the batches.
 7. **Corrupt samples.** A sample whose members cannot be decoded (``SampleError``), or
    that sits in an unreadable part of a tar, is skipped, counted and logged. Its slot is
    filled by the next good sample of the reader's shuffled order (wrapping around to the
@@ -49,13 +51,19 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
    last bad key and its shard. ``corrupt_count`` counts skips: a sample that stays bad is
    counted once in every epoch that reads it. A tar that ends cleanly before the manifest
    says, or holds another key at a position, is not corruption but a DatasetError.
+8. **Derived maps.** ``derived={name: (root, member)}`` joins a member of a derived dataset
+   (``sdeseg infer``: pseudo-depth, regions, pseudo-masks of the full stored images) to each
+   batch by key, cropped and flipped like its images, as ``batch.derived[name]``. The reader
+   (its worker) reads them, one read per derived dataset and batch, so the training loop
+   never waits on that I/O; the stream refuses at construction a derived dataset that lacks
+   one of its samples or holds it at another size.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -66,9 +74,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdeseg.config import AugmentConfig, DataConfig
-from sdeseg.data.augment import augment_sample
+from sdeseg.data.augment import apply_geometry, augment_sample
 from sdeseg.data.batch import Batch
 from sdeseg.data.codec import SampleError
+from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.labeled import LabeledPool, labeled_keys_for, random_labeled_keys, read_key_list
 from sdeseg.data.manifest import DatasetError, join
 from sdeseg.data.shardio import (
@@ -142,6 +151,7 @@ class _Plan:
     shuffle_buffer: int
     max_corrupt_fraction: float
     epochs: int | None
+    derived: tuple[tuple[str, str, str], ...] = ()  # (batch field, derived root, member)
     num_samples: int = field(init=False)
     samples_per_reader: int = field(init=False)
 
@@ -237,6 +247,30 @@ class _RawSource:
         self.held.pop(pos, None)
 
 
+class _Joiner:
+    """The derived maps of a batch (see the module doc, 8.): per batch one read of each derived
+    dataset, its members stacked and cropped and flipped like the batch's images."""
+
+    def __init__(self, spec: tuple[tuple[str, str, str], ...]):
+        self.spec = spec
+        self.datasets: dict[str, DerivedDataset] = {}
+
+    def __call__(self, keys: list[str], geometry: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for root in dict.fromkeys(r for _, r, _ in self.spec):
+            if root not in self.datasets:
+                self.datasets[root] = DerivedDataset(root)
+            samples = self.datasets[root].read(keys)
+            for name, _, member in (x for x in self.spec if x[1] == root):
+                try:
+                    maps = np.stack([samples[k][member] for k in keys])
+                except KeyError as e:
+                    raise DatasetError(f"{root}: no member {member!r} (for {name!r}); it holds "
+                                       f"{sorted(samples[keys[0]])}") from e
+                out[name] = apply_geometry(torch.from_numpy(maps), geometry)
+        return out
+
+
 def _seed_globals(plan: _Plan, epoch: int, worker: int) -> None:
     """Fresh global RNGs for a DataLoader worker, derived from (seed, epoch, rank, worker).
 
@@ -250,7 +284,7 @@ def _seed_globals(plan: _Plan, epoch: int, worker: int) -> None:
 
 
 def _run_epoch(
-    plan: _Plan, worker: int, epoch: int, skip_batches: int, tracker: CorruptTracker
+    plan: _Plan, worker: int, epoch: int, skip_batches: int, tracker: CorruptTracker, joiner: _Joiner | None = None
 ) -> Iterator[tuple[Batch, int]]:
     """Batches of reader (rank, worker) in ``epoch`` after its first ``skip_batches``.
 
@@ -290,7 +324,10 @@ def _run_epoch(
         tracker.check(min(MIN_SEEN_FOR_FRACTION, n))
         samples.append(out)
         if len(samples) == plan.batch_size:
-            yield collate(samples, plan.frames, as_float=False), fresh_bad
+            batch = collate(samples, plan.frames, as_float=False)
+            if joiner is not None:
+                batch.derived = joiner(batch.keys, batch.geometry)
+            yield batch, fresh_bad
             samples, fresh_bad = [], 0
 
 
@@ -313,11 +350,12 @@ class _ReaderDataset(IterableDataset):
         skip = len(range(worker, self.start_batch, W))  # batches this reader already delivered
         where = f"reader (rank {self.plan.rank}, worker {worker}) of {self.plan.root}"
         tracker = CorruptTracker(self.plan.max_corrupt_fraction, where)
+        joiner = _Joiner(self.plan.derived) if self.plan.derived else None
         epoch = self.start_epoch
         while self.plan.epochs is None or epoch < self.plan.epochs:
             if info is not None:
                 _seed_globals(self.plan, epoch, worker)
-            yield from _run_epoch(self.plan, worker, epoch, skip if epoch == self.start_epoch else 0, tracker)
+            yield from _run_epoch(self.plan, worker, epoch, skip if epoch == self.start_epoch else 0, tracker, joiner)
             epoch += 1
 
 
@@ -349,6 +387,9 @@ class ShardStream:
         labels: False drops labels (an unlabeled stream never decodes label.png).
         max_corrupt_fraction: fail when a reader skipped more than this fraction of its samples.
         epochs: stop after this many epochs (counted from 0); None: endless.
+        derived: batch field -> (derived dataset root, member name), e.g. ``{"depth": (root,
+            "pseudo_depth.npy")}``: ``batch.derived[field]`` (B,h,w) in the member's dtype, read
+            by the reader and cropped and flipped like the images (module doc, 8.).
 
     Batches: ``sdeseg.data.batch.Batch`` with images (B,3,h,w) per frame, K/inv_K (B,3,3),
     label (B,h,w) int64 or None, depth (B,1,h,w) or None, instance (B,h,w) int64 or None
@@ -376,6 +417,7 @@ class ShardStream:
         labels: bool = True,
         max_corrupt_fraction: float = 0.01,
         epochs: int | None = None,
+        derived: Mapping[str, tuple[str, str]] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -390,12 +432,18 @@ class ShardStream:
                                f"{f' and domain {domain!r}' if domain else ''}")
         index.check_shards_exist(selection)
         index.check_sizes(selection, crop)
+        derived = tuple((name, str(root), member) for name, (root, member) in (derived or {}).items())
+        if derived:
+            rows = [index.rows[index.shard_keys[s][i]] for s, positions in selection.items() for i in positions]
+            for where in dict.fromkeys(r for _, r, _ in derived):
+                members = ", ".join(m for _, r, m in derived if r == where)
+                DerivedDataset(where).check_covers(rows, members, of=f"samples of split {split!r} of {root}")
         self.plan = _Plan(
             root=root, selection=selection, shard_keys={s: index.shard_keys[s] for s in selection},
             batch_size=batch_size, crop=None if crop is None else (int(crop[0]), int(crop[1])),
             augment=augment, frames=tuple(frames), labels=labels, seed=seed, rank=rank, world_size=world_size,
             workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer,
-            max_corrupt_fraction=max_corrupt_fraction, epochs=epochs,
+            max_corrupt_fraction=max_corrupt_fraction, epochs=epochs, derived=derived,
         )
         if self.plan.batches_per_epoch == 0:
             raise DatasetError(

@@ -3,8 +3,8 @@
 No labels are used in training. Per optimizer step (``runtime.grad_accum`` micro-batches, each):
 an unlabeled batch of the training split is one *group*. Its coherent depth regions and SDE
 depth, computed once per image as a derived dataset (``contrastive.regions_root``, made by
-``sdeseg infer --model <SDE export> --outputs depth,regions``), are looked up by key and cropped
-and flipped as the reader cropped and flipped the images (``Batch.geometry``). In the data path,
+``sdeseg infer --model <SDE export> --outputs depth,regions``), are joined by key by the reader,
+cropped and flipped as it cropped and flipped the images (``Batch.derived``). In the data path,
 on the CPU, two views are built from the group (:func:`sdeseg.copy_paste.copy_paste_views`):
 every region pasted ``copies[0]`` times into the group's images for view 1 and ``copies[1]``
 times for view 2, with distance scaling, depth ordering, soft edges and per-paste colour jitter,
@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sdeseg.config import Config, ConfigError
 from sdeseg.copy_paste import copy_paste_views
-from sdeseg.data.augment import apply_geometry
 from sdeseg.data.classes import class_names
 from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.manifest import DatasetError
@@ -104,14 +102,17 @@ def build_model(cfg: Config, ctx: StageContext):
     return model
 
 
-def group_maps(regions: DerivedDataset, ub) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored SDE depth (B,h,w) float32 and region ids (B,h,w) int64 of an unlabeled batch,
-    cropped and flipped like its images (``Batch.geometry``)."""
-    samples = regions.read(ub.keys)
-    depth = torch.from_numpy(np.stack([samples[k][DEPTH_MEMBER] for k in ub.keys]).astype(np.float32))
-    ids = torch.from_numpy(np.stack([samples[k][REGIONS_MEMBER] for k in ub.keys]).astype(np.int64))
-    geo = ub.geometry.cpu()
-    return apply_geometry(depth, geo), apply_geometry(ids, geo)
+def group_maps(ub) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored SDE depth (B,h,w) float32 and region ids (B,h,w) int64 of an unlabeled batch
+    of :func:`group_stream` (joined by its reader, cropped and flipped like its images)."""
+    return ub.derived["depth"].float(), ub.derived["regions"].long()
+
+
+def group_stream(cfg: Config, ctx: StageContext):
+    """This rank's endless unlabeled batches with their stored depth and regions joined."""
+    root = cfg.contrastive.regions_root
+    return ctx.train_stream(frames=(0,), labels=False,
+                            derived={"depth": (root, DEPTH_MEMBER), "regions": (root, REGIONS_MEMBER)})
 
 
 def make_views(images: torch.Tensor, depth: torch.Tensor, regions: torch.Tensor, cfg: Config,
@@ -195,10 +196,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     t = cfg.train
     model = build_model(cfg, ctx)
     engine = ctx.build_engine(model, param_groups(model, cfg.optim))
-    regions = DerivedDataset(cfg.contrastive.regions_root)
     gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)  # pastes, view jitter, sampled points
     torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
-    stream = ctx.train_stream(frames=(0,), labels=False)
+    stream = group_stream(cfg, ctx)
 
     progress = Progress()
     state = TrainState(engine, shared={"progress": progress}, per_rank={"reader": stream, "generator": gen})
@@ -211,7 +211,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         for _ in range(cfg.runtime.grad_accum):
             t0 = time.perf_counter()
             ub = next(batches)
-            depth, region_ids = group_maps(regions, ub)
+            depth, region_ids = group_maps(ub)
             views = make_views(ub.images[0], depth, region_ids, cfg, gen)  # the CPU builds views, as a data path
             views = [tuple(x.to(ctx.device) for x in view) for view in views]
             data_time = time.perf_counter() - t0

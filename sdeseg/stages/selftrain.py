@@ -3,14 +3,15 @@
 
 Per optimizer step (``runtime.grad_accum`` micro-batches, each): a labeled batch gives the
 supervised cross-entropy (and the auxiliary head's, on the multi-task model); an unlabeled
-batch is looked up by key in the derived dataset of pseudo-masks (``selftrain.pseudo_root``,
-made by ``sdeseg infer --outputs seg``), cropped and flipped as the reader cropped and flipped
-the images, and two strong augmentations of it are trained against the mask on the pixels
-that pass their class's confidence threshold, class-weighted (thresholds and weights from
-the statistics of the whole pseudo-mask set, :mod:`sdeseg.pseudo`), while the two views must
-agree with each other and the multi-task model's two segmentation outputs with each other.
-The multi-task model's photometric loss on the unlabeled sequences stays on (its second
-branch is self-supervised depth). No EMA teacher: the targets are fixed.
+batch's masks are joined by key by the reader from the derived dataset of pseudo-masks
+(``selftrain.pseudo_root``, made by ``sdeseg infer --outputs seg``), cropped and flipped as it
+cropped and flipped the images (``Batch.derived``), and two strong augmentations of it are
+trained against the mask on the pixels that pass their class's confidence threshold,
+class-weighted (thresholds and weights from the statistics of the whole pseudo-mask set,
+:mod:`sdeseg.pseudo`), while the two views must agree with each other and the multi-task
+model's two segmentation outputs with each other. The multi-task model's photometric loss on
+the unlabeled sequences stays on (its second branch is self-supervised depth). No EMA teacher:
+the targets are fixed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 
 from sdeseg.config import Config, ConfigError
-from sdeseg.data.augment import apply_geometry
 from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.labeled import labeled_keys_for
 from sdeseg.data.manifest import DatasetError, join
@@ -87,25 +87,14 @@ def preflight(cfg: Config) -> None:
     d = cfg.data
     index = ShardIndex.load(d.root)
     train = [index.shard_keys[s][i] for s, pos in index.select(d.train_split, d.domain).items() for i in pos]
-    missing = [k for k in train if k not in masks]
-    if missing:
-        raise DatasetError(f"{st.pseudo_root} has no pseudo-mask for {len(missing)} of the {len(train)} training "
-                           f"samples of {d.root}, e.g. {missing[:3]}")
+    masks.check_covers([index.rows[k] for k in train], "pseudo-mask", of=f"training samples of {d.root}")
     pseudo_statistics(st.pseudo_root, cfg.model.num_classes, st.histogram_bins, cfg.semiseg.ignore_index)
 
 
-def pseudo_targets(masks: DerivedDataset, ub) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored masks (B,h,w) int64 and confidences (B,h,w) float32 of an unlabeled batch,
-    cropped and flipped like its images (``Batch.geometry``)."""
-    samples = masks.read(ub.keys)
-    target = torch.from_numpy(np.stack([samples[k][MASK] for k in ub.keys]).astype(np.int64))
-    conf = torch.from_numpy(np.stack([samples[k][CONFIDENCE] for k in ub.keys]).astype(np.float32))
-    geo = ub.geometry.cpu()
-    h, w = int(geo[:, 0].add(geo[:, 2]).max()), int(geo[:, 1].add(geo[:, 3]).max())
-    if target.shape[-2] < h or target.shape[-1] < w:
-        raise DatasetError(f"{masks.root}: pseudo-masks are {tuple(target.shape[-2:])}, smaller than the images "
-                           f"they label (crop reaches {h}x{w}); make them at the source size (no --size)")
-    return apply_geometry(target, geo), apply_geometry(conf, geo)
+def pseudo_targets(ub) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored masks (B,h,w) int64 and confidences (B,h,w) float32 of an unlabeled batch of
+    the stage's stream (joined by its reader, cropped and flipped like its images)."""
+    return ub.derived[MASK].long(), ub.derived[CONFIDENCE].float()
 
 
 def train_step(engine, lb, ub, target, confidence, thresholds, weights, cfg: Config, gen: torch.Generator) -> dict:
@@ -144,14 +133,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     check_labels(cfg, pool)
     model, _ = build_models(cfg, ctx)
     engine = ctx.build_engine(model, param_groups(model, cfg.optim))
-    masks = DerivedDataset(st.pseudo_root)
     hist = pseudo_statistics(st.pseudo_root, cfg.model.num_classes, st.histogram_bins, cfg.semiseg.ignore_index)
     thresholds = class_thresholds(hist, st.threshold_quantile, st.threshold_max).to(ctx.device)
     weights = class_weights(hist, st.class_weight_power, st.class_weight_max).to(ctx.device)
     ctx.log(0, {"pseudo/thresholds": thresholds.tolist(), "pseudo/weights": weights.tolist()}, kind="event")
     gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)
     torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
-    stream = ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=False)
+    stream = ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=False,
+                              derived={MASK: (st.pseudo_root, MASK), CONFIDENCE: (st.pseudo_root, CONFIDENCE)})
 
     progress = Progress()
     state = TrainState(engine, shared={"progress": progress}, per_rank={"labeled": pool, "reader": stream,
@@ -164,10 +153,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     while progress.step < t.steps:
         for _ in range(cfg.runtime.grad_accum):
             t0 = time.perf_counter()
-            lb = next(labeled_it).to(ctx.device)
-            ub = next(unlabeled_it)
-            target, confidence = pseudo_targets(masks, ub)
-            ub, target, confidence = ub.to(ctx.device), target.to(ctx.device), confidence.to(ctx.device)
+            lb, ub = next(labeled_it).to(ctx.device), next(unlabeled_it).to(ctx.device)
+            target, confidence = pseudo_targets(ub)
             data_time = time.perf_counter() - t0
             losses = train_step(engine, lb, ub, target, confidence, thresholds, weights, cfg, gen)
             meter.update(losses, len(lb) + len(ub), data_time)

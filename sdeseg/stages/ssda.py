@@ -25,7 +25,6 @@ import time
 import torch
 
 from sdeseg.config import Config, ConfigError
-from sdeseg.data.augment import apply_geometry
 from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.labeled import labeled_keys_for
 from sdeseg.data.manifest import DatasetError
@@ -47,6 +46,8 @@ from sdeseg.stages.semiseg import (
     photometric_terms,
     validate_and_save,
 )
+
+SOURCE_DEPTH = "source_depth"  # the source batches' field of stored depth (Batch.derived)
 
 
 def preflight(cfg: Config) -> None:
@@ -102,34 +103,38 @@ def check_source_depth(root: str, export_path: str, rows: list[dict]) -> None:
 
 class SourceDepth:
     """The source candidates' SDE depth: the source export's network run on each batch, or, with
-    ``ssda.source_depth_root``, that network's depth of the full stored images read from a
-    derived dataset and cropped and flipped as the batch was (``Batch.geometry``): no source
-    forward pass per step. ``online=True`` ignores the derived dataset."""
+    ``ssda.source_depth_root``, that network's depth of the full stored images, which the source
+    stream's reader joins to each batch cropped and flipped as its images (``batch.derived``,
+    see :func:`source_stream`): no source forward pass and no read in the training step.
+    ``online=True`` ignores the derived dataset."""
 
     def __init__(self, cfg: Config, device, online: bool = False):
         s = cfg.ssda
-        self.derived = None if online or not s.source_depth_root else DerivedDataset(s.source_depth_root)
-        self.net = frozen_depth_net(s.source_sde_checkpoint, device) if self.derived is None else None
+        self.stored = bool(s.source_depth_root) and not online
+        self.net = None if self.stored else frozen_depth_net(s.source_sde_checkpoint, device)
         self.depth_range = (self.net.depth_range if self.net is not None else
                             DepthRange.from_dict(read_export(s.source_sde_checkpoint, "sde")["depth_range"]))
 
     @torch.no_grad()
     def __call__(self, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmoid disparity, depth) of ``batch``'s centre frames, each (N,1,h,w) float32."""
-        if self.derived is None:
+        if not self.stored:
             with autocast():
                 disp = self.net(batch.images[0])[("disp", 0)].float()
             return disp, self.depth_range.depth(disp)
-        depth = apply_geometry(self.derived.join(batch.keys, DEPTH_MEMBER).float(), batch.geometry.cpu())
-        depth = depth.unsqueeze(1).to(batch.images[0].device)
+        depth = batch.derived[SOURCE_DEPTH].float().unsqueeze(1)
         return self.depth_range.sigmoid(depth), depth
 
 
 def source_stream(cfg: Config, ctx: StageContext):
-    """This rank's endless source batches: ``ssda.mgs_candidates`` labeled candidates per target image."""
+    """This rank's endless source batches: ``ssda.mgs_candidates`` labeled candidates per target
+    image, with their stored depth (``batch.derived[SOURCE_DEPTH]``) when ``ssda.source_depth_root``
+    is set."""
     s = cfg.ssda
+    derived = {SOURCE_DEPTH: (s.source_depth_root, DEPTH_MEMBER)} if s.source_depth_root else None
     return ctx.train_stream(frames=(0,), labels=True, root=s.source_root or cfg.data.root, domain=s.source_domain,
-                            split=s.source_split, batch_size=cfg.data.batch_size * s.mgs_candidates)
+                            split=s.source_split, batch_size=cfg.data.batch_size * s.mgs_candidates,
+                            derived=derived)
 
 
 @torch.no_grad()
