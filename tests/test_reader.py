@@ -16,6 +16,7 @@ import torch
 from data_prep.shards import Job, write_shards
 from sdeseg.config import AugmentConfig, DataConfig
 from sdeseg.data.codec import SampleError, decode_sample, encode_image, encode_npy, encode_sample
+from sdeseg.data.derived import write_derived
 from sdeseg.data.manifest import DatasetError, read_manifest, write_manifest
 from sdeseg.data.reader import (
     LabeledPool,
@@ -161,32 +162,6 @@ def test_too_few_samples_for_one_batch_per_rank(even_ds):
 # ----------------------------------------------------------------------------- derived maps
 
 
-def make_derived(root, source, members_of, *, drop=(), height=H):
-    """A derived dataset of ``source`` (``sdeseg infer``'s layout: tar shards, manifest,
-    derived.json) whose sample ``key`` holds ``members_of(key, centre frame (H,W,3) uint8)``;
-    keys in ``drop`` are left out, ``height`` is recorded as the stored size."""
-    import tarfile
-
-    from data_prep.shards import write_tar_sample
-    from sdeseg.data.shardio import ShardIndex, decode_members, scan_shard
-
-    index = ShardIndex.load(source)
-    rows = []
-    root.mkdir()
-    for shard, keys in index.shard_keys.items():
-        with tarfile.open(root / shard, "w") as tar:
-            for _, m in scan_shard(source, shard, keys, range(len(keys))):
-                key = m["__key__"]
-                if key in drop:
-                    continue
-                write_tar_sample(tar, {"__key__": key, **members_of(key, decode_members(m, (0,))["frames"][0])})
-                rows.append({**index.rows[key], "index": sum(r["shard"] == shard for r in rows), "has_label": False,
-                             "height": height})
-    write_manifest(str(root), rows)
-    (root / "derived.json").write_text(json.dumps({"settings": {"outputs": ["test"]}}))
-    return str(root)
-
-
 def red_and_ids(key, frame):
     """Two maps of a sample a test can check pixel by pixel: the red channel of its centre frame
     (float32) and a per-key ramp (int64)."""
@@ -196,7 +171,14 @@ def red_and_ids(key, frame):
 
 @pytest.fixture(scope="module")
 def derived_ds(even_ds, tmp_path_factory):
-    return make_derived(tmp_path_factory.mktemp("derived") / "d", even_ds, red_and_ids)
+    return write_derived(even_ds, str(tmp_path_factory.mktemp("derived") / "d"), red_and_ids)
+
+
+def edit_manifest(root, out, edit):
+    """A copy of the derived dataset ``root`` at ``out`` whose manifest rows went through ``edit``."""
+    shutil.copytree(root, out)
+    write_manifest(str(out), [r for r in map(edit, read_manifest(str(out))) if r is not None])
+    return str(out)
 
 
 def test_derived_maps_are_cropped_and_flipped_with_the_images(even_ds, derived_ds):
@@ -228,18 +210,17 @@ def test_derived_maps_travel_from_workers_and_resume(even_ds, derived_ds):
         assert all(torch.equal(a.derived["ids"], b.derived["ids"]) for a, b in zip(run, ref))
 
 
-def test_derived_datasets_that_do_not_fit_are_refused(even_ds, tmp_path):
-    missing = make_derived(tmp_path / "missing", even_ds, red_and_ids, drop={"syn/train/0003"})
+def test_derived_datasets_that_do_not_fit_are_refused(even_ds, derived_ds, tmp_path):
+    missing = edit_manifest(derived_ds, tmp_path / "missing", lambda r: None if r["key"] == "syn/train/0004" else r)
     with pytest.raises(DatasetError, match=r"missing has no red.npy for 1 of the 24 samples of split 'train' of "
-                                           r".*even.*syn/train/0003"):
+                                           r".*even.*syn/train/0004"):
         stream(even_ds, derived={"red": (missing, "red.npy")})
-    other_size = make_derived(tmp_path / "other_size", even_ds, red_and_ids, height=H // 2)
+    other_size = edit_manifest(derived_ds, tmp_path / "other_size", lambda r: {**r, "height": H // 2})
     with pytest.raises(DatasetError, match=rf"red.npy of syn/train/\d+ is {H // 2}x{W}, the image is {H}x{W}"):
         stream(even_ds, derived={"red": (other_size, "red.npy")})
     with pytest.raises(DatasetError, match="derived.json does not exist"):
         stream(even_ds, derived={"red": (even_ds, "red.npy")})
-    no_member = stream(even_ds, derived={"depth": (make_derived(tmp_path / "d", even_ds, red_and_ids),
-                                                   "pseudo_depth.npy")})
+    no_member = stream(even_ds, derived={"depth": (derived_ds, "pseudo_depth.npy")})
     with pytest.raises(DatasetError, match=r"no member 'pseudo_depth.npy' \(for 'depth'\); it holds \['ids.npy', "
                                            r"'red.npy'\]"):
         next(iter(no_member))

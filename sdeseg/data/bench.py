@@ -7,7 +7,13 @@ reads both with the same decode + crop + flip + to-tensor + batching (batches of
 prints samples/s (wall clock) and samples per CPU-second (this process and its finished
 DataLoader workers: the per-core cost, robust to other load on the machine).
 
-Results and the command line are recorded in ``docs/bench/reader.md``.
+``--join`` measures instead what joining a derived dataset costs the reader
+(``ShardStream(derived=)``: one float32 depth map per sample, read by key, cropped and flipped
+with the images): samples per CPU-second of the centre frames alone and with the join, and the
+join's cost per sample, i.e. the time that left the training step when the join moved into the
+reader.
+
+Results and the command line are recorded in ``docs/bench/reader.md`` and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from data_prep.shards import Job, write_shards
 from sdeseg.config import AugmentConfig
 from sdeseg.data.augment import augment_sample
 from sdeseg.data.batch import Batch
-from sdeseg.data.codec import encode_sample
+from sdeseg.data.codec import encode_npy, encode_sample
+from sdeseg.data.derived import write_derived
 from sdeseg.data.reader import ShardStream
 from sdeseg.data.shardio import collate, seeded_rng
 
@@ -150,6 +157,42 @@ def measure(shards: str, files: Path, crop: tuple[int, int], workers: int, augme
     return out
 
 
+def _random_depth(key: str, frame: np.ndarray) -> dict[str, bytes]:
+    """A derived sample: a float32 depth map of the frame's size (values do not matter here)."""
+    rng = seeded_rng(int(key.rsplit("/", 1)[-1]))
+    return {"depth.npy": encode_npy((2.0 + 40.0 * rng.random(frame.shape[:2])).astype(np.float32))}
+
+
+def measure_join(shards: str, derived: str, crop: tuple[int, int], repeats: int) -> dict:
+    """Samples per CPU-second of the centre frames without and with the derived depth joined."""
+    out = {}
+    for name, joins in (("plain", None), ("joined", {"depth": (derived, "depth.npy")})):
+        def reader(joins=joins):
+            return iter(ShardStream(shards, batch_size=BATCH, crop=crop, augment=NO_JITTER, num_workers=0,
+                                    epochs=1, frames=(0,), labels=False, derived=joins))
+
+        wall, cpu, n = min(_timed(reader) for _ in range(repeats))
+        out[name] = n / cpu
+    out["join_ms_per_sample"] = 1e3 * (1 / out["joined"] - 1 / out["plain"])
+    return out
+
+
+def join_main(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for (h, w), n in (((96, 192), args.small), ((512, 1024), args.large)):
+            shards, _ = write_both(Path(tmp) / f"{h}x{w}", h, w, n)
+            derived = write_derived(shards, f"{tmp}/{h}x{w}/derived", _random_depth)
+            mb = sum(f.stat().st_size for f in Path(derived).glob("*.tar")) / n / 1e6
+            rows.append((f"{h}x{w}", n, mb, measure_join(shards, derived, (h - h // 8, w - w // 8), args.repeats)))
+    print(f"derived-join benchmark: batches of {BATCH}, centre frame, crop 7/8 of each side, random flip, "
+          f"in-process reader; torch threads 1; cpu count {os.cpu_count()}")
+    print("| size | samples | derived MB/sample | plain samples/CPU-s | joined samples/CPU-s | join ms/sample |")
+    print("|---|---|---|---|---|---|")
+    for size, n, mb, r in rows:
+        print(f"| {size} | {n} | {mb:.2f} | {r['plain']:.1f} | {r['joined']:.1f} | {r['join_ms_per_sample']:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=320, help="samples at 96x192")
@@ -157,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tmp", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--join", action="store_true", help="measure joining a derived dataset instead")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per reader: the figures are per core
+    if args.join:
+        return join_main(args)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for (h, w), n in (((96, 192), args.small), ((512, 1024), args.large)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from sdeseg.data.codec import decode_image, decode_instance
-from sdeseg.data.manifest import DatasetError, join
-from sdeseg.data.shardio import ShardIndex, scan_shard
+from sdeseg.data.manifest import DatasetError, join, write_manifest
+from sdeseg.data.shardio import ShardIndex, decode_members, scan_shard
 
 
 def decode_member(name: str, data: bytes) -> np.ndarray:
@@ -107,3 +107,35 @@ class DerivedDataset:
         except KeyError as e:
             raise DatasetError(f"{self.root}: no member {member!r} (it holds {sorted(next(iter(samples.values())))})"
                                ) from e
+
+
+def write_derived(source: str, out: str, members_of: Callable[[str, np.ndarray], dict[str, bytes]],
+                  settings: dict[str, Any] | None = None) -> str:
+    """A derived dataset of ``source`` made by a Python function instead of a model (maps
+    precomputed by another tool, benchmarks, tests): sample ``key`` holds ``members_of(key,
+    centre frame (H,W,3) uint8)``, encoded member bytes by name (``.npy`` or ``.png``); one tar
+    per source shard, then the manifest and ``derived.json`` (``settings``), as ``sdeseg infer``
+    lays them out. Returns ``out``."""
+    import tarfile
+
+    import fsspec
+
+    from data_prep.shards import write_tar_sample
+
+    index = ShardIndex.load(source)
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    rows = []
+    for shard, keys in index.shard_keys.items():
+        with fs.open(join(path, shard), "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+            for position, members in scan_shard(source, shard, keys, range(len(keys))):
+                key = members["__key__"]
+                frame = decode_members(members, (0,))["frames"][0]
+                write_tar_sample(tar, {"__key__": key, **members_of(key, frame)})
+                rows.append({**index.rows[key], "index": position, "has_label": False,
+                             "height": int(frame.shape[0]), "width": int(frame.shape[1]),
+                             "source": json.dumps({"root": source, "shard": shard, "index": position})})
+    write_manifest(out, rows)
+    with fs.open(join(path, "derived.json"), "w") as f:
+        json.dump({"settings": {"source": source, **(settings or {})}}, f)
+    return out
