@@ -112,6 +112,66 @@ def test_multitask_adds_the_photometric_loss_on_target_sequences(synthetic_root,
     assert keys and all(k.startswith("synth-game/") for step_keys in keys for k in step_keys[4:])
 
 
+@pytest.mark.parametrize("match", ["median", "official"])
+def test_teacher_and_target_sde_see_each_target_batch_once_per_step(synthetic_root, game_root, exports, tmp_path,
+                                                                   monkeypatch, match):
+    """The within-target mix, the geometry match and the cross-domain mix read one pool: per
+    micro-batch one teacher forward, one target-SDE forward (unlabeled + labeled images), one
+    source-SDE forward over all candidates."""
+    from collections import Counter
+
+    from sdeseg.stages import ssda
+
+    calls, real = [], ssda.train_step
+
+    def counted(engine, teacher, target_net, source_depth, lb, ub, src, *args, **kwargs):
+        seen = Counter()
+
+        def counting_teacher(x):
+            seen["teacher", x.shape[0]] += 1
+            return teacher(x)
+
+        hooks = [net.register_forward_hook(lambda m, i, o, name=name: seen.update([(name, i[0].shape[0])]))
+                 for name, net in (("target", target_net), ("source", source_depth.net))]
+        try:
+            return real(engine, counting_teacher, target_net, source_depth, lb, ub, src, *args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+            calls.append((dict(seen), len(lb), len(ub), len(src)))
+
+    monkeypatch.setattr(ssda, "train_step", counted)
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=2", f"ssda.match={match}"), tmp_path)
+    assert len(calls) == 2
+    for seen, n_lab, n_unl, n_src in calls:
+        assert seen == {("teacher", n_unl): 1, ("target", n_unl + n_lab): 1, ("source", n_src): 1}
+
+
+@pytest.mark.parametrize("match", ["median", "official"])
+def test_geometry_criterion_from_the_pool_depth_equals_the_networks(synthetic_root, game_root, exports, match):
+    """Matching on the pool's target depth (the step's one target-SDE forward) picks as matching
+    on a forward of its own: the criterion agrees (official: through the disparity it is
+    recovered from)."""
+    from contextlib import nullcontext
+
+    from sdeseg.data.reader import ShardStream
+    from sdeseg.stages.ssda import SourceDepth, frozen_depth_net, geometry_criterion
+
+    cfg = _ssda(synthetic_root, game_root, exports, f"ssda.match={match}")
+    target_net = frozen_depth_net(exports["city"], "cpu")
+    target = next(iter(ShardStream(synthetic_root, batch_size=2, crop=(32, 64), frames=(0,), num_workers=0)))
+    src = next(iter(ShardStream(game_root, batch_size=6, crop=(32, 64), frames=(0,), num_workers=0)))
+    source_depth = SourceDepth(cfg, "cpu")
+    own, s_own, t_own = geometry_criterion(target.images[0], src, target_net, source_depth, cfg, nullcontext)
+    pool_depth = target_net.depth_range.depth(target_net(target.images[0])[("disp", 0)])
+    given, s_given, t_given = geometry_criterion(target.images[0], src, target_net, source_depth, cfg, nullcontext,
+                                                 pool_depth)
+    assert own.shape == (2, 3)
+    torch.testing.assert_close(given, own, rtol=1e-4, atol=1e-6)
+    assert torch.equal(given.argmin(1), own.argmin(1))
+    torch.testing.assert_close(t_given, t_own)
+
+
 @pytest.fixture(scope="module")
 def game_depth(game_root, exports, tmp_path_factory) -> str:
     """The game SDE export's depth over the game images, as a derived dataset."""

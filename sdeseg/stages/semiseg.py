@@ -15,6 +15,7 @@ a multi-task model; the default), from a contrastive pretraining export (encoder
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,24 @@ from sdeseg.runtime import Progress, StageContext, StageResult, StepMeter, Train
 SEG_KEYS = (("seg", 0), ("seg_aux", 0))
 
 
-@torch.no_grad()
-def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generator, autocast) -> MixResult:
-    """Pseudo-label the unlabeled images with the teacher and mix them (DepthMix / ClassMix / none).
+@dataclass
+class Pool:
+    """The mixing pool of one micro-batch as the teacher sees it (P = the unlabeled images, then
+    the labeled ones with ``semiseg.mix_labeled``): images (P,3,H,W); probs (P,K,H,W) float32,
+    the teacher's for the unlabeled images and one-hot ground truth for the labeled; depth
+    (P,1,H,W) float32 for DepthMix (the SDE network's, the ground truth or the multi-task
+    teacher's, per ``semiseg.mix_depth``), None for the other mixes."""
 
-    Labeled images join the mixing pool with their one-hot ground truth when
-    ``semiseg.mix_labeled``. ``autocast()`` is the run's precision context for the teacher
-    and depth-net forwards; probabilities and depth are float32. Returns the mixed,
-    strongly augmented student input and the mixed teacher probabilities.
+    images: torch.Tensor
+    probs: torch.Tensor
+    depth: torch.Tensor | None
+
+
+@torch.no_grad()
+def teacher_pool(teacher, depth_net, lb, ub, cfg: Config, autocast) -> Pool:
+    """Pseudo-label the unlabeled images with the teacher (and get the pool's depth for DepthMix).
+
+    ``autocast()`` is the run's precision context for the teacher and depth-net forwards.
     """
     s = cfg.semiseg
     n = ub.images[0].shape[0]
@@ -64,6 +75,7 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
     probs = F.softmax(t_out[("seg", 0)][:n].float(), dim=1)
     if s.mix_labeled:
         probs = torch.cat([probs, labels_to_probs(lb.label, probs.shape[1], s.ignore_index)])
+    depth = None
     if s.mix == "depthmix":
         if s.mix_depth == "pseudo":
             with autocast():
@@ -73,15 +85,31 @@ def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generat
             depth = ground_truth_depth([ub, lb] if s.mix_labeled else [ub])
         else:  # the multi-task teacher already predicted depth for the pool
             depth = DepthRange.from_config(cfg.depth_loss).depth(t_out[("disp", 0)])
-        mix = depth_mix_batch(images, depth, probs=probs, eps=s.mix_eps, generator=gen)
+    return Pool(images=images, probs=probs, depth=depth)
+
+
+@torch.no_grad()
+def mix_pool(pool: Pool, cfg: Config, gen: torch.Generator) -> MixResult:
+    """Mix the pool (DepthMix / ClassMix / none) and strongly augment it: the student's input
+    and the mixed teacher probabilities."""
+    s = cfg.semiseg
+    if s.mix == "depthmix":
+        mix = depth_mix_batch(pool.images, pool.depth, probs=pool.probs, eps=s.mix_eps, generator=gen)
     elif s.mix == "classmix":
-        mix = classmix_batch(images, probs, generator=gen)
+        mix = classmix_batch(pool.images, pool.probs, generator=gen)
     else:
-        mix = MixResult(image=images, mask=None, perm=None, probs=probs, label=None)
+        mix = MixResult(image=pool.images, mask=None, perm=None, probs=pool.probs, label=None)
     if s.mix_rebalance and mix.mask is not None:
-        mix.weight = rebalance_weights(probs, mix.probs)
+        mix.weight = rebalance_weights(pool.probs, mix.probs)
     mix.image = strong_augment(mix.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
     return mix
+
+
+def make_mixed_batch(teacher, depth_net, lb, ub, cfg: Config, gen: torch.Generator, autocast) -> MixResult:
+    """Pseudo-label the unlabeled images with the teacher and mix them (:func:`teacher_pool`,
+    then :func:`mix_pool`). Labeled images join the mixing pool with their one-hot ground truth
+    when ``semiseg.mix_labeled``; probabilities and depth are float32."""
+    return mix_pool(teacher_pool(teacher, depth_net, lb, ub, cfg, autocast), cfg, gen)
 
 
 def ground_truth_depth(batches) -> torch.Tensor:

@@ -42,8 +42,9 @@ from sdeseg.stages.semiseg import (
     build_models,
     check_labels,
     finish,
-    make_mixed_batch,
+    mix_pool,
     photometric_terms,
+    teacher_pool,
     validate_and_save,
 )
 
@@ -138,15 +139,21 @@ def source_stream(cfg: Config, ctx: StageContext):
 
 
 @torch.no_grad()
-def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth, cfg: Config, autocast):
+def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth, cfg: Config, autocast,
+                       target_depth: torch.Tensor | None = None):
     """Matching Geometry Sampling's criterion (B,K) of each of the B targets' K = len(src)/B
     candidates (candidates of target i: rows i*K .. i*K+K-1 of the source batch ``src``), the
-    source depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network."""
+    source depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network
+    (the target's given as ``target_depth`` when the step already has it)."""
     s = cfg.ssda
     b = target_images.shape[0]
-    with autocast():
-        t_disp = target_net(target_images)[("disp", 0)].float()
-    t_depth = target_net.depth_range.depth(t_disp)
+    if target_depth is None:
+        with autocast():
+            t_disp = target_net(target_images)[("disp", 0)].float()
+        t_depth = target_net.depth_range.depth(t_disp)
+    else:
+        t_depth = target_depth
+        t_disp = target_net.depth_range.sigmoid(t_depth) if s.match == "official" else None
     s_disp, s_depth = source_depth(src, autocast)
     h = t_depth.shape[-2]
     top, bottom = int(round(s.ignore_top * h)), int(round(s.ignore_bottom * h))
@@ -155,24 +162,34 @@ def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth
     return criterion, s_depth, t_depth
 
 
-def matched_source(src, ub, target_net, source_depth: SourceDepth, cfg: Config, autocast):
+def matched_source(src, ub, target_net, source_depth: SourceDepth, cfg: Config, autocast,
+                   target_depth: torch.Tensor | None = None):
     """(indices of the matched candidates in ``src``, their depth (B,1,H,W), the targets' depth);
     with one candidate and no Cross-Domain DepthMix no depth is needed: (indices, None, None).
     The match is :func:`sdeseg.mixing.match_geometry`'s (the first smallest criterion)."""
     b, k = ub.images[0].shape[0], cfg.ssda.mgs_candidates
     if k == 1 and not cfg.ssda.cross_mix:
         return torch.arange(b, device=ub.images[0].device), None, None
-    criterion, s_depth, t_depth = geometry_criterion(ub.images[0], src, target_net, source_depth, cfg, autocast)
+    criterion, s_depth, t_depth = geometry_criterion(ub.images[0], src, target_net, source_depth, cfg, autocast,
+                                                     target_depth)
     pick = torch.arange(b, device=criterion.device) * k + criterion.argmin(dim=1)
     return pick, s_depth[pick], t_depth
 
 
 def train_step(engine, teacher, target_net, source_depth: SourceDepth, lb, ub, src, cfg: Config,
                gen: torch.Generator, step: int, autocast) -> dict:
-    """Forward and backward of one micro-batch; returns detached loss terms and statistics."""
+    """Forward and backward of one micro-batch; returns detached loss terms and statistics.
+
+    The teacher and the target's SDE network see the target images once per micro-batch
+    (:func:`sdeseg.stages.semiseg.teacher_pool`): the within-target mix, the geometry match
+    and the cross-domain mix all read that pool."""
     s, ss = cfg.semiseg, cfg.ssda
     engine.train()
-    pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_depth, cfg, autocast)
+    n = ub.images[0].shape[0]
+    pool = teacher_pool(teacher, target_net, lb, ub, cfg, autocast) if s.pseudo_label or ss.cross_mix else None
+    sde_depth = pool is not None and s.mix == "depthmix" and s.mix_depth == "pseudo"  # the target SDE's, reusable
+    pick, src_depth, tgt_depth = matched_source(src, ub, target_net, source_depth, cfg, autocast,
+                                                pool.depth[:n] if sde_depth else None)
     src_images, src_label = src.images[0][pick], src.label[pick]
     terms, stats = {}, {}
     n_lab = lb.images_aug[0].shape[0]
@@ -182,15 +199,13 @@ def train_step(engine, teacher, target_net, source_depth: SourceDepth, lb, ub, s
     terms["seg/source"] = ss.source_weight * supervised_seg_loss({("seg", 0): src_out[("seg", 0)]}, src_label,
                                                                  s).terms["seg/sup"]
     if s.pseudo_label:  # within-target DepthMix (off: source + target supervised, the ablation's base row)
-        within = make_mixed_batch(teacher, target_net, lb, ub, cfg, gen, autocast)
+        within = mix_pool(pool, cfg, gen)
         unsup = pseudo_label_seg_loss({("seg", 0): engine(within.image)[("seg", 0)]}, within.probs, s, step,
                                       within.weight)
         terms |= unsup.terms
         stats |= unsup.stats
     if ss.cross_mix:
-        with torch.no_grad(), autocast():
-            tgt_probs = torch.softmax(teacher(ub.images[0])[("seg", 0)].float(), dim=1)
-        cross = cross_domain_depth_mix(src_images, src_depth, src_label, ub.images[0], tgt_depth, tgt_probs,
+        cross = cross_domain_depth_mix(src_images, src_depth, src_label, ub.images[0], tgt_depth, pool.probs[:n],
                                        eps=ss.mix_eps, threshold=s.pseudo_threshold, ignore_index=s.ignore_index,
                                        generator=gen)
         image = strong_augment(cross.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
