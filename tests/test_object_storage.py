@@ -113,3 +113,26 @@ def test_a_run_on_s3_keeps_every_rank_in_the_bucket_and_resumes_from_it(ray_with
     s3.pipe_file(model_file, bytes(data))
     with pytest.raises(CheckpointIntegrityError, match=r"model_states\.pt does not match the sha256"):
         run_on_ray(tiny_config("demo_sde", s3_data, "train.steps=12", *common), tmp_path / "tampered")
+
+
+def test_derived_maps_are_written_to_and_joined_from_the_bucket(s3, s3_data):
+    """A derived dataset in the bucket (``write_derived``), joined to training batches by a
+    DataLoader worker reading it over S3: the maps are the batches' own pixels, cropped and
+    flipped with them."""
+    import numpy as np
+    import torch
+
+    from sdeseg.config import AugmentConfig
+    from sdeseg.data.codec import encode_npy
+    from sdeseg.data.derived import write_derived
+    from sdeseg.data.reader import ShardStream
+
+    url = write_derived(s3_data, f"s3://{BUCKET}/derived/red",
+                        lambda key, frame: {"red.npy": encode_npy(frame[..., 0].astype(np.float32))})
+    assert {"manifest.parquet", "derived.json"} <= {Path(p).name for p in s3.ls(url)}
+    stream = ShardStream(s3_data, batch_size=4, crop=(24, 48), augment=AugmentConfig(), frames=(0,), num_workers=1,
+                         epochs=1, derived={"red": (url, "red.npy")})
+    batches = list(stream)
+    assert len(batches) == 6 and 0 < int(torch.cat([b.geometry[:, 4] for b in batches]).sum()) < 24
+    for b in batches:
+        assert torch.equal(b.derived["red"], b.images[0][:, 0].mul(255).round())
