@@ -218,6 +218,10 @@ def test_derived_datasets_that_do_not_fit_are_refused(even_ds, derived_ds, tmp_p
     other_size = edit_manifest(derived_ds, tmp_path / "other_size", lambda r: {**r, "height": H // 2})
     with pytest.raises(DatasetError, match=rf"red.npy of syn/train/\d+ is {H // 2}x{W}, the image is {H}x{W}"):
         stream(even_ds, derived={"red": (other_size, "red.npy")})
+    half = write_derived(even_ds, str(tmp_path / "half"), lambda key, frame: {"red.npy": encode_npy(
+        frame[::2, :, 0].astype(np.float32))})  # its manifest says full size, the maps are not
+    with pytest.raises(DatasetError, match=rf"half: red.npy of syn/train/\d+ is {H // 2}x{W}, the image is {H}x{W}"):
+        next(iter(stream(even_ds, derived={"red": (half, "red.npy")})))
     with pytest.raises(DatasetError, match="derived.json does not exist"):
         stream(even_ds, derived={"red": (even_ds, "red.npy")})
     no_member = stream(even_ds, derived={"depth": (derived_ds, "pseudo_depth.npy")})

@@ -56,7 +56,8 @@ How ``ShardStream`` splits an epoch (the invariants the training loop relies on)
    batch by key, cropped and flipped like its images, as ``batch.derived[name]``. The reader
    (its worker) reads them, one read per derived dataset and batch, so the training loop
    never waits on that I/O; the stream refuses at construction a derived dataset that lacks
-   one of its samples or holds it at another size.
+   one of its samples or records another size for it, and a reader a map of another size
+   than its image.
 """
 
 from __future__ import annotations
@@ -255,19 +256,26 @@ class _Joiner:
         self.spec = spec
         self.datasets: dict[str, DerivedDataset] = {}
 
-    def __call__(self, keys: list[str], geometry: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, keys: list[str], geometry: torch.Tensor,
+                 sizes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """``sizes``: each sample's stored (H, W), which its maps must have."""
         out: dict[str, torch.Tensor] = {}
         for root in dict.fromkeys(r for _, r, _ in self.spec):
             if root not in self.datasets:
                 self.datasets[root] = DerivedDataset(root)
             samples = self.datasets[root].read(keys)
             for name, _, member in (x for x in self.spec if x[1] == root):
-                try:
-                    maps = np.stack([samples[k][member] for k in keys])
-                except KeyError as e:
-                    raise DatasetError(f"{root}: no member {member!r} (for {name!r}); it holds "
-                                       f"{sorted(samples[keys[0]])}") from e
-                out[name] = apply_geometry(torch.from_numpy(maps), geometry)
+                maps = []
+                for key, size in zip(keys, sizes):
+                    if member not in samples[key]:
+                        raise DatasetError(f"{root}: no member {member!r} (for {name!r}); it holds "
+                                           f"{sorted(samples[key])}")
+                    m = samples[key][member]
+                    if tuple(m.shape[-2:]) != size:
+                        raise DatasetError(f"{root}: {member} of {key} is {m.shape[-2]}x{m.shape[-1]}, the image "
+                                           f"is {size[0]}x{size[1]}")
+                    maps.append(m)
+                out[name] = apply_geometry(torch.from_numpy(np.stack(maps)), geometry)
         return out
 
 
@@ -299,6 +307,7 @@ def _run_epoch(
     bad: set[int] = set()
     fresh_bad = 0
     samples: list[dict[str, Any]] = []
+    sizes: list[tuple[int, int]] = []  # each sample's stored size (derived maps must have it)
     for slot in range(first, n):
         out = None
         for j in range(n):  # the slot's own sample, else the next good one (see module doc, 7.)
@@ -315,6 +324,7 @@ def _run_epoch(
                 continue
             rng = seeded_rng(_SEED_AUG, plan.seed, epoch, plan.rank, worker, slot)
             out = augment_sample(decoded, plan.crop, plan.augment, rng, plan.frames)
+            size = decoded["frames"][0].shape[:2]
             break
         if out is None:
             raise RuntimeError(f"{tracker.where}: every sample of its range in epoch {epoch} is corrupt; "
@@ -323,12 +333,13 @@ def _run_epoch(
         tracker.good += 1
         tracker.check(min(MIN_SEEN_FOR_FRACTION, n))
         samples.append(out)
+        sizes.append(size)
         if len(samples) == plan.batch_size:
             batch = collate(samples, plan.frames, as_float=False)
             if joiner is not None:
-                batch.derived = joiner(batch.keys, batch.geometry)
+                batch.derived = joiner(batch.keys, batch.geometry, sizes)
             yield batch, fresh_bad
-            samples, fresh_bad = [], 0
+            samples, sizes, fresh_bad = [], [], 0
 
 
 class _ReaderDataset(IterableDataset):
