@@ -293,6 +293,8 @@ def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resu
     assert f"{100 * score['seg/miou']:.2f}" in next(x for x in table.splitlines() if x.startswith("| (G)"))
     assert "| (3) + within-target DepthMix | not run |" in table
     assert "- full − srctgt: **" in table and "full − within" not in table
+    assert "final model (the run's own `val` in brackets; for (G), its source `val`), after 2 steps." in table
+    assert "| (5) full (+ Matching Geometry Sampling) |" in table and ", multi-task" not in line
     mt = json.loads((tmp_path / "fullmt_s0" / "summary.json").read_text())
     assert yaml.safe_load((tmp_path / "fullmt_s0" / "config.yaml").read_text())["model"]["multitask"] is True
     mt_line = next(x for x in table.splitlines() if x.startswith("| (6) full, multi"))
@@ -303,3 +305,10 @@ def test_the_study_tool_runs_rows_scores_the_source_model_on_the_target_and_resu
     stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")}
     assert len(stamps) == 4 and main(args) == 0
     assert {p: p.stat().st_mtime for p in tmp_path.glob("*_s0/summary.json")} == stamps
+    # a row trained multi-task through --overrides says so in the table
+    mt_args = [*args[:args.index("--rows") + 1], "srctgt", "--overrides", *TINY, "model.multitask=true",
+               *args[args.index("--source-overrides"):]]
+    mt_args[mt_args.index("--out") + 1] = str(tmp_path / "mt")
+    assert main(mt_args) == 0
+    mt_table = (tmp_path / "mt" / "ssda.md").read_text()
+    assert "| (2) source + target supervised, multi-task |" in mt_table

@@ -36,6 +36,8 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
+
 ROWS = ("full", "within", "srctgt", "cdrandom", "target", "upper", "sourceonly", "fullmt")
 # rows in the paper's order, for the table
 TABLE_ORDER = ("target", "srctgt", "within", "cdrandom", "full", "fullmt", "upper", "sourceonly")
@@ -123,7 +125,17 @@ def read_row(out: Path, row: str, seed: int) -> dict[str, float] | None:
     else:
         test = {k.removeprefix("test/"): v for k, v in summary.items() if k.startswith("test/seg/")}
     val = {k: v for k, v in summary.items() if k.startswith("seg/")}
-    return {**{f"test/{k}": 100 * v for k, v in test.items()}, **{f"val/{k}": 100 * v for k, v in val.items()}}
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    return {**{f"test/{k}": 100 * v for k, v in test.items()}, **{f"val/{k}": 100 * v for k, v in val.items()},
+            "steps": cfg["train"]["steps"], "multitask": bool(cfg["model"]["multitask"])}
+
+
+def row_title(row: str, runs: list[dict]) -> str:
+    """The row's title, saying so when its runs trained multi-task though the row is not (the
+    study's ``--overrides model.multitask=true``): a table is read without its command line."""
+    if row == "fullmt" or not runs or not any(r["multitask"] for r in runs):
+        return TITLES[row]
+    return TITLES[row] + (", multi-task" if all(r["multitask"] for r in runs) else ", multi-task in some seeds")
 
 
 def write_table(out: Path, seeds: list[int]) -> str:
@@ -137,9 +149,11 @@ def write_table(out: Path, seeds: list[int]) -> str:
         cells = [f"{r['test/seg/miou']:.2f} ({r['val/seg/miou']:.2f})" if r else "not run"
                  for r in res[row].values()]
         m = f"**{mean[row]:.2f}**" if mean[row] is not None else "–"
-        lines.append(f"| {TITLES[row]} | {' | '.join(cells)} | {m} |")
+        lines.append(f"| {row_title(row, [r for r in res[row].values() if r])} | {' | '.join(cells)} | {m} |")
+    steps = sorted({r["steps"] for by in res.values() for r in by.values() if r})
     lines += ["", "Target `test` mIoU of the final model (the run's own `val` in brackets; for (G), "
-              "its source `val`)."]
+              f"its source `val`), after {' or '.join(map(str, steps)) or '–'} steps"
+              + (" (the rows differ: see each run's config.yaml)." if len(steps) > 1 else ".")]
     facts = []
     for a, b in (("full", "srctgt"), ("full", "within"), ("full", "cdrandom"), ("cdrandom", "within"),
                  ("full", "target"), ("fullmt", "full"), ("fullmt", "srctgt"), ("fullmt", "within")):
