@@ -96,18 +96,37 @@ class DerivedDataset:
             for _, members in scan_shard(self.root, shard, keys, range(len(keys))):
                 yield members["__key__"], {n: decode_member(n, d) for n, d in members.items() if n != "__key__"}
 
+    def stack(self, keys: Iterable[str], members: Iterable[str],
+              sizes: Iterable[tuple[int, int]] | None = None, uses: dict[str, str] | None = None
+              ) -> dict[str, np.ndarray]:
+        """``{member: (B,...) array}``: each member of ``keys`` stacked along a new batch
+        dimension, from one read. ``sizes`` (each key's image (H, W)) makes a map of another
+        size a DatasetError naming the key, as a missing member is; ``uses`` (member -> what
+        it is for) goes into that message."""
+        keys = list(keys)
+        samples = self.read(keys)
+        sizes = list(sizes) if sizes is not None else [None] * len(keys)
+        out = {}
+        for member in members:
+            maps = []
+            for key, size in zip(keys, sizes):
+                if member not in samples[key]:
+                    use = f" (for {uses[member]!r})" if uses and member in uses else ""
+                    raise DatasetError(f"{self.root}: no member {member!r}{use}; it holds {sorted(samples[key])}")
+                m = samples[key][member]
+                if size is not None and tuple(m.shape[-2:]) != tuple(size):
+                    raise DatasetError(f"{self.root}: {member} of {key} is {m.shape[-2]}x{m.shape[-1]}, the image "
+                                       f"is {size[0]}x{size[1]}")
+                maps.append(m)
+            out[member] = np.stack(maps)
+        return out
+
     def join(self, keys: Iterable[str], member: str) -> torch.Tensor:
         """One member of ``keys`` stacked along a new batch dimension, e.g. ``join(batch.keys,
         "pseudo_depth.npy")`` -> (B,H,W) for a validation batch. The arrays are the model's
         outputs at the stored size: an augmented (cropped, flipped) batch needs the same
-        transform applied to them."""
-        samples = self.read(keys)
-        try:
-            return torch.from_numpy(np.stack([samples[k][member] for k in samples]))
-        except KeyError as e:
-            raise DatasetError(f"{self.root}: no member {member!r} (it holds {sorted(next(iter(samples.values())))})"
-                               ) from e
-
+        transform applied to them (the training streams' ``derived=`` does)."""
+        return torch.from_numpy(self.stack(keys, [member])[member])
 
 def write_derived(source: str, out: str, members_of: Callable[[str, np.ndarray], dict[str, bytes]],
                   settings: dict[str, Any] | None = None) -> str:
@@ -130,7 +149,7 @@ def write_derived(source: str, out: str, members_of: Callable[[str, np.ndarray],
         with fs.open(join(path, shard), "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
             for position, members in scan_shard(source, shard, keys, range(len(keys))):
                 key = members["__key__"]
-                frame = decode_members(members, (0,))["frames"][0]
+                frame = decode_members(members, (0,), labels=False)["frames"][0]
                 write_tar_sample(tar, {"__key__": key, **members_of(key, frame)})
                 rows.append({**index.rows[key], "index": position, "has_label": False,
                              "height": int(frame.shape[0]), "width": int(frame.shape[1]),

@@ -263,21 +263,12 @@ class _Joiner:
         for root in dict.fromkeys(r for _, r, _ in self.spec):
             if root not in self.datasets:
                 self.datasets[root] = DerivedDataset(root)
-            samples = self.datasets[root].read(keys)
-            for name, _, member in (x for x in self.spec if x[1] == root):
-                maps = []
-                for key, size in zip(keys, sizes):
-                    if member not in samples[key]:
-                        raise DatasetError(f"{root}: no member {member!r} (for {name!r}); it holds "
-                                           f"{sorted(samples[key])}")
-                    m = samples[key][member]
-                    if tuple(m.shape[-2:]) != size:
-                        raise DatasetError(f"{root}: {member} of {key} is {m.shape[-2]}x{m.shape[-1]}, the image "
-                                           f"is {size[0]}x{size[1]}")
-                    maps.append(m)
-                out[name] = apply_geometry(torch.from_numpy(np.stack(maps)), geometry)
+            spec = [(name, member) for name, r, member in self.spec if r == root]
+            uses = {member: name for name, member in spec}
+            maps = self.datasets[root].stack(keys, uses, sizes, uses)
+            for name, member in spec:
+                out[name] = apply_geometry(torch.from_numpy(maps[member]), geometry)
         return out
-
 
 def _seed_globals(plan: _Plan, epoch: int, worker: int) -> None:
     """Fresh global RNGs for a DataLoader worker, derived from (seed, epoch, rank, worker).
