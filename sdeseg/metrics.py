@@ -70,6 +70,21 @@ class SegmentationMetric:
         acc = float(tp.sum() / total) if total > 0 else float("nan")
         return {"miou": miou, "iou": [float(v) for v in iou], "acc": acc}
 
+    def confusions(self, top: int = 2) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """Where each class's pixels go: for every class with ground-truth pixels, (class, share
+        predicted as itself, up to ``top`` (other class, share) pairs, largest first, each > 0),
+        shares of that class's ground-truth pixels (rows of the confusion matrix)."""
+        out = []
+        for c, row in enumerate(self.confusion.double()):
+            total = float(row.sum())
+            if total == 0:
+                continue
+            share = row / total
+            others = [(int(j), float(share[j])) for j in torch.argsort(share, descending=True, stable=True).tolist()
+                      if j != c and share[j] > 0][:top]
+            out.append((c, float(share[c]), others))
+        return out
+
 
 DEPTH_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 

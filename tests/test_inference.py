@@ -50,6 +50,17 @@ def test_eval_cli_writes_json_and_names_bad_input(runs, synthetic_root, tmp_path
     saved = json.loads(out.read_text())
     assert saved["split"] == "test" and saved["seg/miou"] == pytest.approx(runs["seg"]["test/seg/miou"], abs=0)
     assert "seg/iou/road" in capsys.readouterr().out
+    assert "confusion" not in saved
+    # --confusion: the matrix in the JSON (its diagonal gives the same IoU) and where each class goes
+    assert cli_main(["eval", "--model", runs["seg"]["exports"]["last"], "--data", synthetic_root, "--split", "test",
+                     "--out", str(out), "--batch-size", "4", "--confusion"]) == 0
+    saved = json.loads(out.read_text())
+    names, cm = saved["confusion"]["classes"], torch.tensor(saved["confusion"]["gt_by_pred"], dtype=torch.float64)
+    assert names[0] == "road" and cm.shape == (19, 19)
+    road = cm[0, 0] / (cm[0].sum() + cm[:, 0].sum() - cm[0, 0])
+    assert float(road) == pytest.approx(saved["seg/iou/road"], abs=1e-12)
+    printed = capsys.readouterr().out
+    assert "mostly mistaken for" in printed and f"{100 * float(cm[0, 0] / cm[0].sum()):.1f}%" in printed
     # segmentation metrics asked of a depth-only export
     sde = runs["sde"]["exports"]["last"]
     assert cli_main(["eval", "--model", sde, "--data", synthetic_root, "--task", "seg"]) == 2

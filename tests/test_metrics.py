@@ -20,6 +20,23 @@ def test_segmentation_metric_hand_computed():
     assert out["acc"] == pytest.approx(5 / 7)
 
 
+def test_confusions_say_where_each_class_goes():
+    m = SegmentationMetric(num_classes=4, ignore_index=255)
+    # class 0: 4 pixels, 1 right, 2 as class 2, 1 as class 1; class 1: all right; class 2: 1 of 2 as class 3;
+    # class 3: no ground truth (left out)
+    m.update(torch.tensor([0, 2, 2, 1, 1, 1, 2, 3, 0]), torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 255]))
+    got = m.confusions()
+    assert [c for c, *_ in got] == [0, 1, 2]
+    assert got[0] == (0, 0.25, [(2, 0.5), (1, 0.25)])
+    assert got[1] == (1, 1.0, [])  # nothing mistaken: no pairs with share 0
+    assert got[2] == (2, 0.5, [(3, 0.5)])
+    assert m.confusions(top=1)[0][2] == [(2, 0.5)]
+    # equal shares: the smaller class id first
+    m = SegmentationMetric(num_classes=3)
+    m.update(torch.tensor([2, 1]), torch.tensor([0, 0]))
+    assert m.confusions()[0] == (0, 0.0, [(1, 0.5), (2, 0.5)])
+
+
 def test_segmentation_metric_absent_class_is_nan_and_excluded():
     m = SegmentationMetric(num_classes=3)
     m.update(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]))

@@ -24,12 +24,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", default=None, help="only samples of this domain")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON file (default <export dir>/eval_<export>_<split>.json)")
+    p.add_argument("--confusion", action="store_true",
+                   help="also print where each class's pixels go and write the confusion matrix into the JSON "
+                        "(\"confusion\": classes, rows = ground truth, columns = prediction, pixel counts)")
 
 
 def evaluate_export(model_path: str, data: str, split: str = "val", tasks=None, domain: str | None = None,
                     batch_size: int = 8) -> dict[str, float]:
     """Flat metrics of an export on a split (``seg/...``, ``depth/...``, ``inst/...``), as the
     stages report them."""
+    return score_export(model_path, data, split, tasks, domain, batch_size)[0]
+
+
+def score_export(model_path: str, data: str, split: str = "val", tasks=None, domain: str | None = None,
+                 batch_size: int = 8):
+    """(the flat metrics of :func:`evaluate_export`, the segmentation metric with its confusion
+    matrix or None when segmentation is not evaluated)."""
     import torch
 
     from sdeseg.data.classes import IGNORE_INDEX
@@ -67,19 +77,36 @@ def evaluate_export(model_path: str, data: str, split: str = "val", tasks=None, 
             raise DatasetError(f"{data}: split {split!r} has no instance maps (instance.png) to evaluate instances on")
         metrics.update(instance_summary(mask_ap, pq))
     metrics["samples"] = loader.num_samples
-    return metrics
+    return metrics, seg
 
 
 def run(args: argparse.Namespace) -> int:
     from sdeseg.report import print_summary_table
 
-    metrics = evaluate_export(args.model, args.data, args.split, args.task, args.domain, args.batch_size)
+    metrics, seg = score_export(args.model, args.data, args.split, args.task, args.domain, args.batch_size)
+    payload = {"model": str(args.model), "data": args.data, "split": args.split, **metrics}
+    if args.confusion and seg is not None:
+        from sdeseg.data.classes import class_names
+
+        payload["confusion"] = {"classes": list(class_names()[:seg.num_classes]), "gt_by_pred": seg.confusion.tolist()}
     out = Path(args.out or Path(args.model).parent / f"eval_{Path(args.model).stem}_{args.split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"model": str(args.model), "data": args.data, "split": args.split, **metrics},
-                              indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     tmp.replace(out)
     print_summary_table(metrics, per_class=True)
+    if args.confusion and seg is not None:
+        print_confusions(seg)
     print(f"metrics: {out}")
     return 0
+
+
+def print_confusions(seg) -> None:
+    """Per ground-truth class: the share of its pixels predicted right and the two classes most
+    of the rest goes to."""
+    from sdeseg.data.classes import class_names
+
+    names = class_names()
+    print(f"\n{'ground truth':<16}{'as itself':>10}  mostly mistaken for")
+    for c, right, others in seg.confusions():
+        print(f"{names[c]:<16}{100 * right:>9.1f}%  " + ", ".join(f"{names[j]} {100 * v:.1f}%" for j, v in others))
