@@ -35,12 +35,12 @@ from sdeseg.data.reader import ValLoader
 from sdeseg.exports import load_depth_model
 from sdeseg.mixing import (
     cross_domain_depth_mix,
-    geometry_distance,
     invalid_depth_as_far,
     labels_to_probs,
     mix_partners,
 )
 from sdeseg.ops import depth_mix
+from sdeseg.stages.ssda import match_criterion
 
 
 def keep_mask(depth: torch.Tensor, perm: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -140,15 +140,11 @@ def cross_probe(root: str, sde_export: str, source_root: str, source_export: str
         raise ValueError(f"{root} and {source_root}: images of another size ({tuple(t_img.shape[-2:])} and "
                          f"{tuple(s_img.shape[-2:])})")
     for img, lab, true in zip(t_img.split(batch), t_lab.split(batch), t_true.split(batch), strict=True):
-        b, h = img.shape[0], img.shape[-2]
+        b = img.shape[0]
         t_depth = target_range.depth(target_net(img)[("disp", 0)])
         cand = torch.randint(len(s_img), (b, candidates), generator=gen)
-        top, bottom = int(round(cfg.ignore_top * h)), int(round(cfg.ignore_bottom * h))
-        if cfg.match == "official":  # raw disparities, as the stage
-            crit = geometry_distance(target_range.sigmoid(t_depth)[:, 0], source_range.sigmoid(s_depth[cand])[:, :, 0],
-                                     top, bottom, mode="official")
-        else:
-            crit = geometry_distance(t_depth[:, 0], s_depth[cand][:, :, 0], top, bottom)
+        c_depth = s_depth[cand.flatten()]
+        crit = match_criterion(t_depth, c_depth, cfg, target_range.sigmoid(t_depth), source_range.sigmoid(c_depth))
         pick = cand[torch.arange(b), crit.argmin(dim=1)]
         # the stage's own mix (source pasted where s - m < t, m = ±eps per image) on the SDE depths; the
         # target's "probabilities" are its ground truth, so the mixed label is ground truth everywhere

@@ -128,6 +128,7 @@ class DerivedDataset:
         transform applied to them (the training streams' ``derived=`` does)."""
         return torch.from_numpy(self.stack(keys, [member])[member])
 
+
 def write_derived(source: str, out: str, members_of: Callable[[str, np.ndarray], dict[str, bytes]],
                   settings: dict[str, Any] | None = None) -> str:
     """A derived dataset of ``source`` made by a Python function instead of a model (maps

@@ -270,6 +270,7 @@ class _Joiner:
                 out[name] = apply_geometry(torch.from_numpy(maps[member]), geometry)
         return out
 
+
 def _seed_globals(plan: _Plan, epoch: int, worker: int) -> None:
     """Fresh global RNGs for a DataLoader worker, derived from (seed, epoch, rank, worker).
 

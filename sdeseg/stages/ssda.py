@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from sdeseg.config import Config, ConfigError
+from sdeseg.config import Config, ConfigError, SsdaConfig
 from sdeseg.data.derived import DerivedDataset
 from sdeseg.data.labeled import labeled_keys_for
 from sdeseg.data.manifest import DatasetError
@@ -146,7 +146,6 @@ def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth
     source depth (B*K,1,H,W) and the target depth (B,1,H,W), each from its domain's SDE network
     (the target's given as ``target_depth`` when the step already has it)."""
     s = cfg.ssda
-    b = target_images.shape[0]
     if target_depth is None:
         with autocast():
             t_disp = target_net(target_images)[("disp", 0)].float()
@@ -155,11 +154,19 @@ def geometry_criterion(target_images, src, target_net, source_depth: SourceDepth
         t_depth = target_depth
         t_disp = target_net.depth_range.sigmoid(t_depth) if s.match == "official" else None
     s_disp, s_depth = source_depth(src, autocast)
-    h = t_depth.shape[-2]
+    return match_criterion(t_depth, s_depth, s, t_disp, s_disp), s_depth, t_depth
+
+
+def match_criterion(t_depth: torch.Tensor, s_depth: torch.Tensor, s: SsdaConfig,
+                    t_disp: torch.Tensor | None = None, s_disp: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B,K) criterion of B targets (depth (B,1,H,W)) against K source candidates each
+    (depth (B*K,1,H,W), target i's in rows i*K .. i*K+K-1), with ``ssda.ignore_top/bottom``'s
+    rows left out; ``ssda.match=official`` compares the raw disparities ``t_disp``, ``s_disp``
+    (same shapes) instead."""
+    b, h = t_depth.shape[0], t_depth.shape[-2]
     top, bottom = int(round(s.ignore_top * h)), int(round(s.ignore_bottom * h))
     t, source = (t_disp, s_disp) if s.match == "official" else (t_depth, s_depth)  # official: raw disparities
-    criterion = geometry_distance(t[:, 0], source.view(b, -1, *source.shape[-2:]), top, bottom, mode=s.match)
-    return criterion, s_depth, t_depth
+    return geometry_distance(t[:, 0], source.view(b, -1, *source.shape[-2:]), top, bottom, mode=s.match)
 
 
 def matched_source(src, ub, target_net, source_depth: SourceDepth, cfg: Config, autocast,
