@@ -190,8 +190,11 @@ class SemisegConfig:
     mix_rebalance: bool = False
     pseudo_label: bool = True  # False: supervised-only baseline
     pseudo_threshold: float = 0.968
-    # "fraction": CE on all pixels x the confident fraction (the paper); "pixel": CE on confident pixels only
-    pseudo_weighting: Literal["fraction", "pixel"] = "fraction"
+    # "fraction": CE on all pixels x the confident fraction (the paper); "pixel": CE on confident pixels only;
+    # "class": per-class thresholds, each class keeps at least its most confident pseudo_class_share
+    # (losses.seg.pseudo_label_weight); also weights the target pixels of ssda's cross-domain mix
+    pseudo_weighting: Literal["fraction", "pixel", "class"] = "fraction"
+    pseudo_class_share: float = 0.5
     unsup_weight: float = 1.0
     # student forward on the labeled and the mixed images in two passes, as the paper's code does,
     # so the labeled batch is normalised with its own BatchNorm statistics; False: one joint batch
@@ -216,6 +219,7 @@ class SemisegConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.pseudo_threshold <= 1.0, "semiseg.pseudo_threshold", "must be in [0, 1]")
+        _check(0.0 < self.pseudo_class_share <= 1.0, "semiseg.pseudo_class_share", "must be in (0, 1]")
         _check(0.0 <= self.ema_alpha_max < 1.0, "semiseg.ema_alpha_max", "must be in [0, 1)")
         _check(self.unsup_weight >= 0 and self.aux_weight >= 0, "semiseg", "loss weights must be >= 0")
         _check(self.unsup_rampup_steps >= 0, "semiseg.unsup_rampup_steps", "must be >= 0")

@@ -204,6 +204,7 @@ def cross_domain_depth_mix(
     threshold: float = 0.968,
     ignore_index: int = 255,
     generator: torch.Generator | None = None,
+    target_weight: torch.Tensor | None = None,
 ) -> MixResult:
     """Cross-Domain DepthMix: source image i pasted over target image i where the source is closer.
 
@@ -212,12 +213,15 @@ def cross_domain_depth_mix(
     :func:`sdeseg.ops.depth_mix`. The mixed "probabilities" are the source's one-hot ground
     truth where the source shows and the target teacher's probabilities elsewhere; the
     per-pixel ``weight`` is 1 on source pixels and, on target pixels, the fraction of target
-    pixels whose teacher confidence reaches ``threshold`` (one scalar over the batch).
+    pixels whose teacher confidence reaches ``threshold`` (one scalar over the batch), or
+    ``target_weight`` where given (e.g. :func:`sdeseg.losses.pseudo_label_weight`'s per-pixel
+    weight of the target images).
 
     Args:
         source_images, target_images: (B,3,H,W). source_depth, target_depth: (B,1,H,W), smaller = closer.
         source_label: (B,H,W) ground-truth train ids (``ignore_index`` = no label).
         target_probs: (B,C,H,W) teacher probabilities of the target images.
+        target_weight: optional (B,H,W) weight of each target pixel's pseudo-label.
 
     Returns:
         :class:`MixResult`: ``image``, ``mask`` (True = source pixel), ``probs``, ``label``
@@ -238,8 +242,9 @@ def cross_domain_depth_mix(
     mask, image, mixed_probs = mask[:b], image[:b], mixed_probs[:b]
     max_probs, label = mixed_probs.max(1)
     label = label.masked_fill(max_probs == 0, ignore_index)
-    confident = (target_probs.max(1).values >= threshold).float().mean()
-    weight = torch.where(mask[:, 0], torch.ones_like(max_probs), confident.expand_as(max_probs))
+    if target_weight is None:
+        target_weight = (target_probs.max(1).values >= threshold).float().mean().expand_as(max_probs)
+    weight = torch.where(mask[:, 0], torch.ones_like(max_probs), target_weight.to(max_probs))
     return MixResult(image=image, mask=mask, perm=perm[:b] - b, probs=mixed_probs, label=label, weight=weight)
 
 

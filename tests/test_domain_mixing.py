@@ -82,6 +82,21 @@ def test_cross_domain_mix_takes_source_ground_truth_exactly_where_the_source_is_
     assert torch.allclose(mix.weight[~closer], q.expand(int((~closer).sum())))
 
 
+def test_cross_domain_mix_takes_a_per_pixel_target_weight():
+    g = torch.Generator().manual_seed(2)
+    b, h, w, c = 2, 6, 8, 19
+    src_depth = torch.rand(b, 1, h, w, generator=g) * 50 + 1
+    tgt_depth = torch.rand(b, 1, h, w, generator=g) * 50 + 1
+    probs = torch.softmax(torch.randn(b, c, h, w, generator=g) * 4, dim=1)
+    target_weight = torch.rand(b, h, w, generator=g)
+    mix = cross_domain_depth_mix(torch.rand(b, 3, h, w, generator=g), src_depth,
+                                 torch.randint(0, c, (b, h, w), generator=g), torch.rand(b, 3, h, w, generator=g),
+                                 tgt_depth, probs, eps=0.0, target_weight=target_weight)
+    closer = (src_depth < tgt_depth)[:, 0]
+    assert 0 < int(closer.sum()) < closer.numel()
+    assert torch.equal(mix.weight, torch.where(closer, torch.ones_like(target_weight), target_weight))
+
+
 def test_cross_domain_margin_has_a_random_sign_per_image():
     b, h, w = 64, 2, 2
     depth = torch.full((b, 1, h, w), 10.0)

@@ -14,6 +14,7 @@ from sdeseg.losses import (
     edge_aware_smoothness,
     pseudo_label_loss,
     pseudo_label_seg_loss,
+    pseudo_label_weight,
     sde_loss,
     supervised_seg_loss,
     unsup_rampup,
@@ -177,6 +178,44 @@ def test_pseudo_label_weighting_by_hand():
     assert torch.allclose(pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg).terms["seg/unsup"], loss)
     with pytest.raises(ValueError, match="weighting"):
         pseudo_label_loss(logits, probs, threshold=0.968, weighting="median")
+
+
+def test_class_balanced_pseudo_label_weight_by_hand():
+    # 2 classes over 8 pixels (one image, 2 x 4). Class 0 (5 pixels): maxima 0.99, 0.98, 0.97, 0.7,
+    # 0.6 -> its 3rd largest (ceil(0.5 * 5)) is 0.97 >= the threshold 0.968, so the floor stays
+    # 0.968 and the three above it count. Class 1 (2 pixels): maxima 0.8, 0.55 -> its 1st largest
+    # is 0.8, below the threshold: the floor drops to 0.8 and that pixel counts too. The last pixel
+    # is an all-zero vector (ground-truth ignore): never counts.
+    p0 = torch.tensor([0.99, 0.98, 0.97, 0.7, 0.6, 0.2, 0.45, 0.0])
+    p1 = torch.tensor([0.01, 0.02, 0.03, 0.3, 0.4, 0.8, 0.55, 0.0])
+    probs = torch.stack([p0, p1]).reshape(1, 2, 2, 4)
+    weight, q = pseudo_label_weight(probs, threshold=0.968, weighting="class", class_share=0.5)
+    assert q.item() == 3 / 8  # the global confident fraction, whatever the weighting
+    assert weight.flatten().tolist() == [1, 1, 1, 0, 0, 1, 0, 0]
+    # share 1: every pixel with a pseudo-label counts (each class's floor is its smallest maximum)
+    weight, _ = pseudo_label_weight(probs, threshold=0.968, weighting="class", class_share=1.0)
+    assert weight.flatten().tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+    # the floors are the batch's: a second image of class 1 at 0.9 raises class 1's floor to 0.9
+    # (5th largest of its 10 maxima), and the first image's 0.8 no longer counts
+    sure = torch.stack([torch.full((8,), 0.1), torch.full((8,), 0.9)]).reshape(1, 2, 2, 4)
+    weight, _ = pseudo_label_weight(torch.cat([probs, sure]), threshold=0.968, weighting="class")
+    assert weight[0].flatten().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert weight[1].flatten().tolist() == [1] * 8
+    # "pixel" and "fraction" for comparison, and the loss takes the class weights
+    assert pseudo_label_weight(probs, 0.968, "pixel")[0].flatten().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert torch.equal(pseudo_label_weight(probs, 0.968, "fraction")[0], torch.full((1, 2, 4), 3 / 8))
+    logits = torch.randn(1, 2, 2, 4)
+    ce = -torch.log_softmax(logits, 1).gather(1, probs.argmax(1, keepdim=True))[:, 0]
+    loss, _ = pseudo_label_loss(logits, probs, threshold=0.968, weighting="class")
+    expected = ce.flatten()[[0, 1, 2, 5]].sum() / 8
+    assert torch.allclose(loss, expected)
+    cfg = SemisegConfig(pseudo_weighting="class", pseudo_class_share=1.0)
+    loss = pseudo_label_seg_loss({("seg", 0): logits}, probs, cfg).terms["seg/unsup"]
+    assert torch.allclose(loss, ce.flatten()[:7].sum() / 8)
+    with pytest.raises(ValueError, match="class_share"):
+        pseudo_label_weight(probs, 0.968, "class", class_share=0.0)
+    with pytest.raises(ConfigError, match="semiseg.pseudo_class_share"):
+        SemisegConfig(pseudo_class_share=1.5)
 
 
 def test_unsup_rampup_by_hand():

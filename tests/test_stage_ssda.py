@@ -112,6 +112,36 @@ def test_multitask_adds_the_photometric_loss_on_target_sequences(synthetic_root,
     assert keys and all(k.startswith("synth-game/") for step_keys in keys for k in step_keys[4:])
 
 
+@pytest.mark.parametrize("weighting", ["fraction", "class"])
+def test_cross_mix_weighs_target_pixels_as_the_pseudo_label_loss_does(synthetic_root, game_root, exports, tmp_path,
+                                                                      monkeypatch, weighting):
+    """semiseg.pseudo_weighting reaches the cross-domain term's target pixels: the paper's one
+    confident fraction per batch, or the class-balanced per-pixel weights."""
+    from sdeseg.losses import pseudo_label_weight
+    from sdeseg.stages import ssda
+
+    seen, real = [], ssda.cross_domain_depth_mix
+
+    def spy(*args, **kwargs):
+        seen.append((args[5], kwargs["target_weight"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssda, "cross_domain_depth_mix", spy)
+    run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=2", f"semiseg.pseudo_weighting={weighting}",
+                         "semiseg.pseudo_class_share=0.3"), tmp_path)
+    assert len(seen) == 2
+    for probs, weight in seen:
+        assert weight.shape == (probs.shape[0], *probs.shape[2:])
+        confident = (probs.max(1).values >= 0.968).float()  # the preset's threshold
+        if weighting == "fraction":
+            assert torch.equal(weight, confident.mean().expand_as(weight))
+        else:
+            assert torch.equal(weight, pseudo_label_weight(probs, 0.968, "class", 0.3)[0])
+            assert set(weight.unique().tolist()) <= {0.0, 1.0}
+            # a 2-step model is unsure everywhere: each class still keeps its top 30%
+            assert confident.mean() < 0.3 <= weight.mean()
+
+
 @pytest.mark.parametrize("match", ["median", "official"])
 def test_teacher_and_target_sde_see_each_target_batch_once_per_step(synthetic_root, game_root, exports, tmp_path,
                                                                    monkeypatch, match):

@@ -10,6 +10,7 @@ from sdeseg.losses.seg import (
     pixel_cross_entropy,
     pseudo_label_loss,
     pseudo_label_seg_loss,
+    pseudo_label_weight,
     supervised_seg_loss,
     unsup_rampup,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "pixel_cross_entropy",
     "pseudo_label_loss",
     "pseudo_label_seg_loss",
+    "pseudo_label_weight",
     "sde_loss",
     "supervised_seg_loss",
     "unsup_rampup",

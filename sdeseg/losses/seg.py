@@ -61,6 +61,55 @@ def supervised_seg_loss(
     return LossOutput(out, {})
 
 
+WEIGHTINGS = ("fraction", "pixel", "class")
+
+
+def pseudo_label_weight(
+    teacher_probs: torch.Tensor,
+    threshold: float,
+    weighting: str = "fraction",
+    class_share: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much each pixel's pseudo-label counts, and the confident fraction ``q``.
+
+    ``q`` is the fraction of pixels whose maximum probability reaches ``threshold``.
+    ``"fraction"`` (the paper's code, after ClassMix): every pixel counts ``q``. ``"pixel"``:
+    1 on those confident pixels, 0 elsewhere (FixMatch). ``"class"`` (class-balanced, after
+    CBST): a pixel whose argmax is class c counts 1 when its maximum reaches
+    ``min(threshold, t_c)``, t_c the ``ceil(class_share * n_c)``-th largest maximum among the
+    n_c pixels of the batch with argmax c — so a class the teacher is unsure of keeps its most
+    confident share instead of almost nothing, while a class above ``threshold`` keeps
+    everything above it. Pixels whose probability vector is all zero (ground-truth ignore
+    mixed in) count 0 in ``"pixel"`` and ``"class"`` and are never confident.
+
+    Args:
+        teacher_probs: (B,C,H,W) teacher probabilities (no gradient is needed or kept).
+        threshold: ``semiseg.pseudo_threshold``. weighting: one of ``WEIGHTINGS``.
+        class_share: in (0, 1]; the share of each class's pixels ``"class"`` keeps at least.
+
+    Returns:
+        (weight (B,H,W) float32, q scalar in [0, 1]).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not 0.0 < class_share <= 1.0:
+        raise ValueError(f"class_share must be in (0, 1], got {class_share}")
+    max_probs, pseudo = teacher_probs.detach().float().max(1)
+    confident = max_probs >= threshold
+    q = confident.float().mean()
+    if weighting == "fraction":
+        return q.expand_as(max_probs), q
+    if weighting == "class":
+        valid = max_probs > 0
+        floor = torch.full((teacher_probs.shape[1],), threshold, device=max_probs.device)
+        for c in torch.unique(pseudo[valid]).tolist():
+            conf = max_probs[valid & (pseudo == c)]
+            k = math.ceil(class_share * conf.numel())
+            floor[c] = min(threshold, conf.topk(k).values[-1].item())
+        confident = valid & (max_probs >= floor[pseudo])
+    return confident.float(), q
+
+
 def pseudo_label_loss(
     logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -68,43 +117,42 @@ def pseudo_label_loss(
     ignore_index: int = 255,
     weighting: str = "fraction",
     pixel_weight: torch.Tensor | None = None,
+    class_share: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's argmax, weighted by the teacher's confidence.
 
-    The pseudo-label is ``argmax`` of the (mixed) teacher probabilities. With
-    ``weighting="fraction"`` (the paper's code, after ClassMix) the per-pixel CE is
-    averaged over *all* pixels and the whole term is weighted by the fraction ``q`` of
-    pixels whose maximum probability is >= ``threshold``. With ``"pixel"`` only the
-    confident pixels contribute (their CE summed, divided by the number of all pixels,
-    as in FixMatch), so the teacher's unconfident guesses teach nothing. (On the
-    synthetic demo data it did not beat the paper's weighting; see BENCHMARKS.md.)
-    Pixels whose probability vector is all zero (ignore pixels of ground truth mixed
-    in, see ``mixing.labels_to_probs``) get the ignore label and count as unconfident.
+    The pseudo-label is ``argmax`` of the (mixed) teacher probabilities; the per-pixel CE,
+    times :func:`pseudo_label_weight`'s weight, is averaged over *all* pixels. So with
+    ``weighting="fraction"`` (the paper's code) the term is ``q`` × the mean CE; with
+    ``"pixel"`` only the confident pixels contribute (their CE summed, divided by the number
+    of all pixels, as in FixMatch), so the teacher's unconfident guesses teach nothing (on the
+    synthetic demo data it did not beat the paper's weighting; see BENCHMARKS.md); with
+    ``"class"`` each class keeps at least its most confident ``class_share``. Pixels whose
+    probability vector is all zero (ignore pixels of ground truth mixed in, see
+    ``mixing.labels_to_probs``) get the ignore label and count as unconfident.
 
     Args:
         logits: (B,C,H,W) student logits on the mixed image.
         teacher_probs: (B,C,H,W) mixed teacher probabilities (no gradient flows into them).
         threshold: confidence threshold (``semiseg.pseudo_threshold``).
-        weighting: ``"fraction"`` or ``"pixel"`` (``semiseg.pseudo_weighting``).
+        weighting: ``"fraction"``, ``"pixel"`` or ``"class"`` (``semiseg.pseudo_weighting``).
         pixel_weight: (B,H,W) optional per-pixel factor on the cross-entropy (e.g.
             :func:`sdeseg.mixing.rebalance_weights`); ``q`` does not depend on it.
+        class_share: ``semiseg.pseudo_class_share`` (``"class"`` only).
 
     Returns:
         (loss scalar, q scalar in [0, 1]).
     """
-    if weighting not in ("fraction", "pixel"):
-        raise ValueError(f"weighting must be 'fraction' or 'pixel', got {weighting!r}")
+    weight, q = pseudo_label_weight(teacher_probs, threshold, weighting, class_share)
     probs = teacher_probs.detach().float()
     max_probs, pseudo = probs.max(1)
     pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
-    confident = max_probs >= threshold
-    q = confident.float().mean()
     ce = pixel_cross_entropy(logits, pseudo, ignore_index)
     if pixel_weight is not None:
         ce = ce * pixel_weight.detach()
-    if weighting == "pixel":
-        return (ce * confident).mean(), q
-    return q * ce.mean(), q
+    if weighting == "fraction":
+        return q * ce.mean(), q  # the same number as (ce * weight).mean(), in the paper's order
+    return (ce * weight).mean(), q
 
 
 def unsup_rampup(step: int, rampup_steps: int) -> float:
@@ -134,7 +182,7 @@ def pseudo_label_seg_loss(
     """
     loss, q = pseudo_label_loss(
         outputs[("seg", 0)], teacher_probs, cfg.pseudo_threshold, cfg.ignore_index, cfg.pseudo_weighting,
-        pixel_weight,
+        pixel_weight, cfg.pseudo_class_share,
     )
     ramp = 1.0 if step is None else unsup_rampup(step, cfg.unsup_rampup_steps)
     return LossOutput({"seg/unsup": cfg.unsup_weight * ramp * loss}, {"seg/confident": q.detach()})

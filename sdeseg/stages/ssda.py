@@ -7,7 +7,8 @@ image. Matching Geometry Sampling keeps, per target, the candidate whose depth m
 source's own SDE export) is closest to the target's (:func:`sdeseg.mixing.match_geometry`);
 the matched source batch gives a supervised source loss and is pasted over the targets where
 it is closer (Cross-Domain DepthMix, :func:`sdeseg.mixing.cross_domain_depth_mix`): source
-ground truth with weight 1, target pseudo-labels with the teacher's confident fraction. With
+ground truth with weight 1, target pseudo-labels weighted as ``semiseg.pseudo_weighting`` says
+(the paper: the teacher's confident fraction). With
 ``ssda.mgs_candidates=1`` the pairing is random (the ablation's "random pairing");
 ``semiseg.pseudo_label=false`` drops the within-target term and ``ssda.cross_mix=false`` the
 cross-domain one (with both: source + target supervised, the ablation's base row).
@@ -31,7 +32,7 @@ from sdeseg.data.manifest import DatasetError
 from sdeseg.data.shardio import ShardIndex
 from sdeseg.exports import load_depth_model, read_export
 from sdeseg.infer import DEPTH_MEMBER
-from sdeseg.losses.seg import pixel_cross_entropy, pseudo_label_seg_loss, supervised_seg_loss
+from sdeseg.losses.seg import pixel_cross_entropy, pseudo_label_seg_loss, pseudo_label_weight, supervised_seg_loss
 from sdeseg.mixing import cross_domain_depth_mix, geometry_distance, strong_augment
 from sdeseg.models import DepthRange, EMATeacher
 from sdeseg.optim import param_groups
@@ -212,9 +213,11 @@ def train_step(engine, teacher, target_net, source_depth: SourceDepth, lb, ub, s
         terms |= unsup.terms
         stats |= unsup.stats
     if ss.cross_mix:
+        target_weight, _ = pseudo_label_weight(pool.probs[:n], s.pseudo_threshold, s.pseudo_weighting,
+                                               s.pseudo_class_share)
         cross = cross_domain_depth_mix(src_images, src_depth, src_label, ub.images[0], tgt_depth, pool.probs[:n],
-                                       eps=ss.mix_eps, threshold=s.pseudo_threshold, ignore_index=s.ignore_index,
-                                       generator=gen)
+                                       eps=ss.mix_eps, ignore_index=s.ignore_index, generator=gen,
+                                       target_weight=target_weight)
         image = strong_augment(cross.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
         ce = pixel_cross_entropy(engine(image)[("seg", 0)], cross.label, s.ignore_index)
         terms["seg/cross"] = ss.cross_weight * (ce * cross.weight).mean()
