@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sdeseg.config import ConfigError, DepthLossConfig, SemisegConfig
 from sdeseg.losses import (
+    class_floors,
     cross_entropy,
     edge_aware_smoothness,
     pseudo_label_loss,
@@ -216,6 +217,25 @@ def test_class_balanced_pseudo_label_weight_by_hand():
         pseudo_label_weight(probs, 0.968, "class", class_share=0.0)
     with pytest.raises(ConfigError, match="semiseg.pseudo_class_share"):
         SemisegConfig(pseudo_class_share=1.5)
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 1.0])
+def test_class_floors_match_a_per_class_sort(share):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(3, 7, 9, 11, generator=g) * 3, dim=1)
+    probs[0, :, :2] = 0.0  # ground-truth ignore mixed in: never counted
+    max_probs, pseudo = probs.max(1)
+    floors = class_floors(max_probs, pseudo, 9, 0.968, share)  # classes 7, 8 have no pixel
+    for c in range(9):
+        conf = max_probs[(pseudo == c) & (max_probs > 0)]
+        if conf.numel() == 0:
+            assert floors[c] == 0.968
+            continue
+        kth = conf.sort(descending=True).values[math.ceil(share * conf.numel()) - 1]
+        assert floors[c] == min(0.968, kth.item())
+        assert (conf >= floors[c]).sum() >= math.ceil(share * conf.numel())  # each class keeps its share
+    empty = class_floors(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 4, 0.9, 0.5)
+    assert empty.tolist() == pytest.approx([0.9] * 4)
 
 
 def test_unsup_rampup_by_hand():

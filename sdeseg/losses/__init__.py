@@ -6,6 +6,7 @@ frames, auto-masks). Losses are computed in float32 whatever precision the netwo
 from sdeseg.losses.common import LossOutput
 from sdeseg.losses.depth import edge_aware_smoothness, feature_distance, sde_loss
 from sdeseg.losses.seg import (
+    class_floors,
     cross_entropy,
     pixel_cross_entropy,
     pseudo_label_loss,
@@ -17,6 +18,7 @@ from sdeseg.losses.seg import (
 
 __all__ = [
     "LossOutput",
+    "class_floors",
     "cross_entropy",
     "edge_aware_smoothness",
     "feature_distance",

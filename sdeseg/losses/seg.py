@@ -100,14 +100,27 @@ def pseudo_label_weight(
     if weighting == "fraction":
         return q.expand_as(max_probs), q
     if weighting == "class":
-        valid = max_probs > 0
-        floor = torch.full((teacher_probs.shape[1],), threshold, device=max_probs.device)
-        for c in torch.unique(pseudo[valid]).tolist():
-            conf = max_probs[valid & (pseudo == c)]
-            k = math.ceil(class_share * conf.numel())
-            floor[c] = min(threshold, conf.topk(k).values[-1].item())
-        confident = valid & (max_probs >= floor[pseudo])
+        confident = max_probs >= class_floors(max_probs, pseudo, teacher_probs.shape[1], threshold, class_share)[pseudo]
+        confident &= max_probs > 0
     return confident.float(), q
+
+
+def class_floors(max_probs: torch.Tensor, pseudo: torch.Tensor, num_classes: int, threshold: float,
+                 class_share: float) -> torch.Tensor:
+    """(num_classes,) confidence floors of :func:`pseudo_label_weight`'s ``"class"`` weighting:
+    per class c, ``min(threshold, t_c)``, t_c the ``ceil(class_share * n_c)``-th largest of the n_c
+    maxima ``max_probs`` (any shape) whose ``pseudo`` label is c (zeros, ground-truth ignore, left
+    out); ``threshold`` for a class with no pixel. One sort, no host synchronisation."""
+    valid = max_probs > 0
+    conf, cls = max_probs[valid].double(), pseudo[valid]
+    counts = torch.bincount(cls, minlength=num_classes)
+    if conf.numel() == 0:
+        return torch.full((num_classes,), threshold, device=max_probs.device)
+    ranked = conf[torch.argsort(cls.double() * 2 - conf)]  # class ascending, confidence descending
+    k = torch.ceil(counts.double() * class_share).long().clamp(min=1)
+    at = (torch.cumsum(counts, 0) - counts + k - 1).clamp(max=conf.numel() - 1)
+    floors = torch.where(counts > 0, ranked[at], torch.full_like(ranked[at], threshold))
+    return floors.clamp(max=threshold).float()
 
 
 def pseudo_label_loss(
