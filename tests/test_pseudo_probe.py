@@ -13,7 +13,7 @@ def test_teach_stats_by_hand():
     p0 = torch.tensor([0.99, 0.4, 0.3, 0.98])
     probs = torch.stack([p0, 1 - p0]).reshape(1, 2, 1, 4)
     label = torch.tensor([[[0, 0, 1, 1]]])
-    stats = pseudo_probe.TeachStats(2, [("fraction", 1.0), ("pixel", 1.0), ("class", 0.5)])
+    stats = pseudo_probe.TeachStats(["a", "b"], [("fraction", 1.0), ("pixel", 1.0), ("class", 0.5)])
     stats.update(probs, label, threshold=0.968)
     assert stats.pixels.tolist() == [2, 2] and stats.right.tolist() == [1, 1]
     # taught[w] = [[right of class 0, of class 1], [wrong of class 0, of class 1]]; fraction: 0.5 everywhere
@@ -23,7 +23,7 @@ def test_teach_stats_by_hand():
     # class 0.5: class 0's predictions 0.99, 0.98 -> floor min(0.968, 0.99) keeps both; class 1's
     # 0.6, 0.7 -> floor 0.7 keeps pixel 2 (right), not pixel 1
     assert stats.taught[2].tolist() == [[1, 1], [0, 1]]
-    table = stats.table(["a", "b"]).splitlines()
+    table = stats.table().splitlines()
     assert table[2] == "| a | 50.00% | 0.50 | 0.25 / 0.25 | 0.50 / 0.00 | 0.50 / 0.00 |"
     assert table[-1].endswith("| 0.500 | 0.500 | 0.667 |")
 

@@ -20,18 +20,18 @@ import argparse
 
 import torch
 
-from sdeseg.data.classes import class_names
 from sdeseg.data.reader import ValLoader
 from sdeseg.exports import load_model
 from sdeseg.losses import pseudo_label_weight
 
 
 class TeachStats:
-    """Per true class: pixels, pixels the argmax gets right, and per weighting the weight on
-    right and on wrong pseudo-labels."""
+    """Per true class (``names``): pixels, pixels the argmax gets right, and per weighting the
+    weight on right and on wrong pseudo-labels."""
 
-    def __init__(self, num_classes: int, weightings: list[tuple[str, float]]):
-        self.num_classes, self.weightings = num_classes, weightings
+    def __init__(self, names: list[str], weightings: list[tuple[str, float]]):
+        self.names, self.num_classes, self.weightings = names, len(names), weightings
+        num_classes = self.num_classes
         self.pixels = torch.zeros(num_classes, dtype=torch.float64)
         self.right = torch.zeros(num_classes, dtype=torch.float64)
         self.taught = torch.zeros(len(weightings), 2, num_classes, dtype=torch.float64)  # [w][right, wrong][c]
@@ -47,7 +47,7 @@ class TeachStats:
             self.taught[i, 0] += torch.bincount(lab[hit], weight[hit], minlength=self.num_classes)
             self.taught[i, 1] += torch.bincount(lab[~hit], weight[~hit], minlength=self.num_classes)
 
-    def table(self, names: list[str]) -> str:
+    def table(self) -> str:
         heads = [w if w != "class" else f"class {s:g}" for w, s in self.weightings]
         lines = ["| class | share of pixels | recall | " + " | ".join(f"{h}: right / wrong" for h in heads) + " |",
                  "|---|---|---|" + "---|" * len(heads)]
@@ -57,7 +57,8 @@ class TeachStats:
                 continue
             cells = " | ".join(f"{self.taught[i, 0, c] / n:.2f} / {self.taught[i, 1, c] / n:.2f}"
                                for i in range(len(heads)))
-            lines.append(f"| {names[c]} | {100 * n / self.pixels.sum():.2f}% | {self.right[c] / n:.2f} | {cells} |")
+            share = 100 * n / self.pixels.sum()
+            lines.append(f"| {self.names[c]} | {share:.2f}% | {self.right[c] / n:.2f} | {cells} |")
         right, wrong = self.taught[:, 0].sum(1), self.taught[:, 1].sum(1)
         lines.append(f"| all: right share of the weight | 100% | {self.right.sum() / self.pixels.sum():.2f} | "
                      + " | ".join(f"{right[i] / (right[i] + wrong[i]):.3f}" for i in range(len(heads))) + " |")
@@ -71,7 +72,7 @@ def probe(model_path: str, root: str, split: str = "train", images: int | None =
     model = load_model(model_path)
     model.require("seg")
     weightings = [("fraction", 1.0), ("pixel", 1.0)] + [("class", s) for s in shares]
-    stats = TeachStats(len(model.class_names), weightings)
+    stats = TeachStats(list(model.class_names), weightings)
     loader = ValLoader(root, split, batch_size=batch, max_batches=0 if images is None else -(-images // batch))
     seen = 0
     for b in loader:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                   tuple(args.class_share))
     print(f"{args.model} on {args.data} ({args.split}): per true class, the weight its pseudo-labels get, "
           "right and wrong, over its pixels\n")
-    print(stats.table(list(class_names())))
+    print(stats.table())
     return 0
 
 

@@ -90,17 +90,23 @@ def pseudo_label_weight(
     Returns:
         (weight (B,H,W) float32, q scalar in [0, 1]).
     """
+    max_probs, pseudo = teacher_probs.detach().float().max(1)
+    return _weight(max_probs, pseudo, teacher_probs.shape[1], threshold, weighting, class_share)
+
+
+def _weight(max_probs: torch.Tensor, pseudo: torch.Tensor, num_classes: int, threshold: float, weighting: str,
+            class_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pseudo_label_weight` from the teacher's per-pixel maximum and argmax (B,H,W)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not 0.0 < class_share <= 1.0:
         raise ValueError(f"class_share must be in (0, 1], got {class_share}")
-    max_probs, pseudo = teacher_probs.detach().float().max(1)
     confident = max_probs >= threshold
     q = confident.float().mean()
     if weighting == "fraction":
         return q.expand_as(max_probs), q
     if weighting == "class":
-        confident = max_probs >= class_floors(max_probs, pseudo, teacher_probs.shape[1], threshold, class_share)[pseudo]
+        confident = max_probs >= class_floors(max_probs, pseudo, num_classes, threshold, class_share)[pseudo]
         confident &= max_probs > 0
     return confident.float(), q
 
@@ -156,9 +162,8 @@ def pseudo_label_loss(
     Returns:
         (loss scalar, q scalar in [0, 1]).
     """
-    weight, q = pseudo_label_weight(teacher_probs, threshold, weighting, class_share)
-    probs = teacher_probs.detach().float()
-    max_probs, pseudo = probs.max(1)
+    max_probs, pseudo = teacher_probs.detach().float().max(1)
+    weight, q = _weight(max_probs, pseudo, teacher_probs.shape[1], threshold, weighting, class_share)
     pseudo = pseudo.masked_fill(max_probs == 0, ignore_index)
     ce = pixel_cross_entropy(logits, pseudo, ignore_index)
     if pixel_weight is not None:
