@@ -186,6 +186,10 @@ class SemisegConfig:
     mix_depth: Literal["pseudo", "online", "ground_truth"] = "pseudo"
     mix_eps: float = 0.0
     mix_labeled: bool = True  # labeled images join the mixing pool with their ground truth
+    # the unlabeled stream (the whole train split) reads the labeled images' ground truth, and
+    # the mixes take it instead of the teacher's pseudo-label where they meet one (the official
+    # code's mix_use_gt; also under ssda's Cross-Domain DepthMix targets)
+    mix_use_gt: bool = False
     # weight the pseudo-label loss so each class keeps its pre-mix pixel share (mixing.rebalance_weights)
     mix_rebalance: bool = False
     pseudo_label: bool = True  # False: supervised-only baseline

@@ -148,6 +148,26 @@ def test_batch_contents(even_ds):
     assert nolab.images_aug is nolab.images
 
 
+def test_a_key_set_keeps_only_those_labels_with_the_same_crops(even_ds):
+    """labels=<keys>: those samples' labels exactly as labels=True reads them (same crop and
+    flip), every other row all ignore, and no label at all for a batch without one of them."""
+    full = list(stream(even_ds, batch_size=4, epochs=1))
+    labeled = [k for b in full for i, k in enumerate(b.keys) if (b.label[i] != 255).any()]
+    chosen = set(labeled[::3])
+    some = list(stream(even_ds, batch_size=4, epochs=1, labels=chosen))
+    assert [b.keys for b in some] == [b.keys for b in full] and len(chosen) >= 2
+    for a, b in zip(full, some):
+        assert torch.equal(a.images[0], b.images[0])
+        rows = [i for i, k in enumerate(a.keys) if k in chosen]
+        if not rows:
+            assert b.label is None
+            continue
+        for i, k in enumerate(a.keys):
+            assert torch.equal(b.label[i], a.label[i]) if k in chosen else (b.label[i] == 255).all()
+    none = list(stream(even_ds, batch_size=4, epochs=1, labels=set()))
+    assert all(b.label is None for b in none)
+
+
 def test_buffered_permutation_is_bounded():
     perm = buffered_permutation(100, 7, np.random.default_rng(0))
     assert sorted(perm.tolist()) == list(range(100))

@@ -142,6 +142,52 @@ def test_cross_mix_weighs_target_pixels_as_the_pseudo_label_loss_does(synthetic_
             assert confident.mean() < 0.3 <= weight.mean()
 
 
+def test_mix_use_gt_gives_the_mixes_ground_truth_of_labeled_images_met_in_the_stream(
+        synthetic_root, game_root, exports, tmp_path, monkeypatch):
+    """semiseg.mix_use_gt (the official mix_use_gt): an unlabeled-stream image of the labeled set
+    enters the pool, and so both mixes, with its one-hot ground truth; every other image keeps
+    the teacher's probabilities, and no other image's label is read."""
+    import dataclasses
+
+    from sdeseg.data.labeled import labeled_keys_for
+    from sdeseg.mixing import labels_to_probs
+    from sdeseg.stages import ssda
+
+    cfg = _ssda(synthetic_root, game_root, exports, "train.steps=4", "semiseg.mix_use_gt=true",
+                "data.num_labeled=12")
+    labeled = set(labeled_keys_for(cfg.data))
+    pools, crossed, real_pool, real_cross = [], [], ssda.teacher_pool, ssda.cross_domain_depth_mix
+
+    def spy_pool(teacher, depth_net, lb, ub, cfg, autocast):
+        pool = real_pool(teacher, depth_net, lb, ub, cfg, autocast)
+        plain = real_pool(teacher, depth_net, lb, dataclasses.replace(ub, label=None), cfg, autocast)
+        pools.append((list(ub.keys), ub.label, pool.probs, plain.probs))
+        return pool
+
+    def spy_cross(*args, **kwargs):
+        crossed.append(args[5])
+        return real_cross(*args, **kwargs)
+
+    monkeypatch.setattr(ssda, "teacher_pool", spy_pool)
+    monkeypatch.setattr(ssda, "cross_domain_depth_mix", spy_cross)
+    run_in_process(cfg, tmp_path)
+    assert len(pools) == len(crossed) == 4
+    met = 0
+    for (keys, label, probs, plain), cross_probs in zip(pools, crossed):
+        n = len(keys)
+        torch.testing.assert_close(cross_probs, probs[:n], rtol=0, atol=0)
+        torch.testing.assert_close(probs[n:], plain[n:], rtol=0, atol=0)  # the labeled batch: as without
+        for i, key in enumerate(keys):
+            if key in labeled:
+                met += 1
+                assert (label[i] != 255).any()
+                assert torch.equal(probs[i], labels_to_probs(label[i:i + 1], probs.shape[1])[0])
+            else:
+                assert label is None or (label[i] == 255).all()
+                assert torch.equal(probs[i], plain[i])
+    assert 0 < met < 4 * 2  # both kinds of image were met
+
+
 @pytest.mark.parametrize("match", ["median", "official"])
 def test_teacher_and_target_sde_see_each_target_batch_once_per_step(synthetic_root, game_root, exports, tmp_path,
                                                                    monkeypatch, match):

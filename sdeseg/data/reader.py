@@ -144,7 +144,7 @@ class _Plan:
     crop: tuple[int, int] | None
     augment: AugmentConfig | None
     frames: tuple[int, ...]
-    labels: bool
+    labels: bool | frozenset[str]
     seed: int
     rank: int
     world_size: int
@@ -387,7 +387,9 @@ class ShardStream:
         seed: base seed of every random choice.
         frames: frame ids of each sample (-1, 0, 1); (0,) for single-frame data.
         keys / exclude_keys: optional whitelist / blacklist of sample keys.
-        labels: False drops labels (an unlabeled stream never decodes label.png).
+        labels: False drops labels (an unlabeled stream never decodes label.png); a collection of
+            keys keeps only those samples' labels (the others' rows of ``batch.label`` are all
+            ignore; ``batch.label`` is None for a batch with none of them).
         max_corrupt_fraction: fail when a reader skipped more than this fraction of its samples.
         epochs: stop after this many epochs (counted from 0); None: endless.
         derived: batch field -> (derived dataset root, member name), e.g. ``{"depth": (root,
@@ -417,7 +419,7 @@ class ShardStream:
         frames: tuple[int, ...] = (-1, 0, 1),
         keys: Iterable[str] | None = None,
         exclude_keys: Iterable[str] | None = None,
-        labels: bool = True,
+        labels: bool | Iterable[str] = True,
         max_corrupt_fraction: float = 0.01,
         epochs: int | None = None,
         derived: Mapping[str, tuple[str, str]] | None = None,
@@ -444,7 +446,8 @@ class ShardStream:
         self.plan = _Plan(
             root=root, selection=selection, shard_keys={s: index.shard_keys[s] for s in selection},
             batch_size=batch_size, crop=None if crop is None else (int(crop[0]), int(crop[1])),
-            augment=augment, frames=tuple(frames), labels=labels, seed=seed, rank=rank, world_size=world_size,
+            augment=augment, frames=tuple(frames), labels=labels if isinstance(labels, bool) else frozenset(labels),
+            seed=seed, rank=rank, world_size=world_size,
             workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer,
             max_corrupt_fraction=max_corrupt_fraction, epochs=epochs, derived=derived,
         )

@@ -12,6 +12,7 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,12 +247,16 @@ def scan_shard(
 # ----------------------------------------------------------------------------- decode + collate
 
 
-def decode_members(members: dict[str, Any], frames: tuple[int, ...], labels: bool = True) -> dict[str, Any]:
+def decode_members(members: dict[str, Any], frames: tuple[int, ...],
+                   labels: bool | AbstractSet[str] = True) -> dict[str, Any]:
     """``decode_sample`` that insists on every requested frame (a batch needs all of them).
 
     ``labels=False`` drops ``label.png`` and ``instance.png`` before decoding (unlabeled streams
-    never see labels).
+    never see labels); a set of keys keeps them only for those samples (the few labeled images
+    met in a stream of the whole split).
     """
+    if not isinstance(labels, bool):
+        labels = members.get("__key__") in labels
     if not labels and ("label.png" in members or INSTANCE_MEMBER in members):
         members = {k: v for k, v in members.items() if k not in ("label.png", INSTANCE_MEMBER)}
     sample = decode_sample(members, frames)

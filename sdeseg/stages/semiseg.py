@@ -49,13 +49,22 @@ SEG_KEYS = (("seg", 0), ("seg_aux", 0))
 class Pool:
     """The mixing pool of one micro-batch as the teacher sees it (P = the unlabeled images, then
     the labeled ones with ``semiseg.mix_labeled``): images (P,3,H,W); probs (P,K,H,W) float32,
-    the teacher's for the unlabeled images and one-hot ground truth for the labeled; depth
+    the teacher's for the unlabeled images (their one-hot ground truth for those of the labeled
+    keys when ``semiseg.mix_use_gt``) and one-hot ground truth for the labeled; depth
     (P,1,H,W) float32 for DepthMix (the SDE network's, the ground truth or the multi-task
     teacher's, per ``semiseg.mix_depth``), None for the other mixes."""
 
     images: torch.Tensor
     probs: torch.Tensor
     depth: torch.Tensor | None
+
+
+def unlabeled_stream(cfg: Config, ctx: StageContext, keys: list[str]):
+    """This rank's endless stream of the whole train split (sequences with ``model.multitask``);
+    with ``semiseg.mix_use_gt`` it carries the ground truth of the labeled ``keys`` only (other
+    rows of ``batch.label`` all ignore), without it no labels at all."""
+    labels = frozenset(keys) if cfg.semiseg.mix_use_gt else False
+    return ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=labels)
 
 
 @torch.no_grad()
@@ -73,6 +82,9 @@ def teacher_pool(teacher, depth_net, lb, ub, cfg: Config, autocast) -> Pool:
     with autocast():
         t_out = teacher(images if online_depth else ub.images[0])
     probs = F.softmax(t_out[("seg", 0)][:n].float(), dim=1)
+    if s.mix_use_gt and ub.label is not None:  # labeled images met in the stream: their ground truth
+        has_gt = (ub.label != s.ignore_index).flatten(1).any(1).view(-1, 1, 1, 1)
+        probs = torch.where(has_gt, labels_to_probs(ub.label, probs.shape[1], s.ignore_index), probs)
     if s.mix_labeled:
         probs = torch.cat([probs, labels_to_probs(lb.label, probs.shape[1], s.ignore_index)])
     depth = None
@@ -268,9 +280,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     teacher.to(ctx.device)
     gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)
     torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
-    stream = None
-    if s.pseudo_label or cfg.model.multitask:
-        stream = ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=False)
+    stream = unlabeled_stream(cfg, ctx, keys) if s.pseudo_label or cfg.model.multitask else None
 
     progress = Progress()
     state = TrainState(engine, shared={"progress": progress, "teacher": teacher},

@@ -251,7 +251,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     teacher.to(ctx.device)
     gen = torch.Generator().manual_seed(t.seed * 1000 + ctx.rank + 1)
     torch.manual_seed(t.seed * 1000 + ctx.rank + 1)
-    stream = ctx.train_stream(frames=(-1, 0, 1) if cfg.model.multitask else (0,), labels=False)
+    stream = semiseg.unlabeled_stream(cfg, ctx, keys)
     source = source_stream(cfg, ctx)
 
     progress = Progress()
