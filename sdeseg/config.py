@@ -252,12 +252,15 @@ class SsdaConfig:
     mix_eps: float = 0.03  # its margin, with a random sign per image (official)
     source_weight: float = 1.0  # supervised loss on the matched source batch
     cross_weight: float = 1.0  # loss on the cross-domain mix
+    # multiplies the mix's target-pixel weights (1: the paper; 0: the mix supervises only its pasted
+    # source pixels — a diagnostic that separates the source paste from its target pseudo-labels)
+    cross_target_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.mgs_candidates >= 1, "ssda.mgs_candidates", "must be >= 1")
         _check(0 <= self.ignore_top and 0 <= self.ignore_bottom and self.ignore_top + self.ignore_bottom < 1,
                "ssda.ignore_top", "ignore_top + ignore_bottom must leave rows (fractions in [0, 1))")
-        _check(self.mix_eps >= 0 and self.source_weight >= 0 and self.cross_weight >= 0, "ssda",
+        _check(min(self.mix_eps, self.source_weight, self.cross_weight, self.cross_target_weight) >= 0, "ssda",
                "mix_eps and the weights must be >= 0")
 
 

@@ -142,6 +142,38 @@ def test_cross_mix_weighs_target_pixels_as_the_pseudo_label_loss_does(synthetic_
             assert confident.mean() < 0.3 <= weight.mean()
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_cross_target_weight_scales_only_the_target_pixels_of_the_mix(synthetic_root, game_root, exports, tmp_path,
+                                                                       monkeypatch, scale):
+    """ssda.cross_target_weight multiplies the target pixels' pseudo-label weight in the cross-domain
+    mix; its pasted source pixels keep weight 1 (0: the mix supervises only the source paste)."""
+    from sdeseg.stages import ssda
+
+    seen, real = [], ssda.cross_domain_depth_mix
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((args[5], out))
+        return out
+
+    monkeypatch.setattr(ssda, "cross_domain_depth_mix", spy)
+    summary = run_in_process(_ssda(synthetic_root, game_root, exports, "train.steps=2",
+                                   f"ssda.cross_target_weight={scale}", "semiseg.pseudo_threshold=0"), tmp_path)
+    assert len(seen) == 2 and summary["steps"] == 2
+    for probs, out in seen:
+        # the paper's weight, one confident fraction per batch: every pixel counts at threshold 0 (a
+        # 2-step teacher reaches the preset's 0.968 nowhere, which would hide the scale)
+        fraction = (probs.max(1).values >= 0).float().mean()
+        assert fraction == 1
+        source = out.mask[:, 0]
+        assert source.any() and (~source).any()
+        assert torch.equal(out.weight[source], torch.ones_like(out.weight[source]))
+        target = out.weight[~source]
+        assert torch.equal(target, (fraction * scale).expand_as(target))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["seg/cross"] > 0 for r in records if r["kind"] == "train")  # the source paste still trains
+
+
 def test_mix_use_gt_gives_the_mixes_ground_truth_of_labeled_images_met_in_the_stream(
         synthetic_root, game_root, exports, tmp_path, monkeypatch):
     """semiseg.mix_use_gt (the official mix_use_gt): an unlabeled-stream image of the labeled set

@@ -217,7 +217,7 @@ def train_step(engine, teacher, target_net, source_depth: SourceDepth, lb, ub, s
                                                s.pseudo_class_share)
         cross = cross_domain_depth_mix(src_images, src_depth, src_label, ub.images[0], tgt_depth, pool.probs[:n],
                                        eps=ss.mix_eps, ignore_index=s.ignore_index, generator=gen,
-                                       target_weight=target_weight)
+                                       target_weight=target_weight * ss.cross_target_weight)
         image = strong_augment(cross.image, gen, jitter=s.color_jitter, blur=s.blur, hue_space=s.hue_space)
         ce = pixel_cross_entropy(engine(image)[("seg", 0)], cross.label, s.ignore_index)
         terms["seg/cross"] = ss.cross_weight * (ce * cross.weight).mean()
