@@ -146,14 +146,14 @@ def _run_worker(cfg: Config, run_dir: Path, rank: int, world_size: int, device: 
 
 
 def run_in_process(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Run the stage in this process as a world of one (gloo), same DeepSpeed path."""
+    """Run the stage in this process as a world of one (gloo; NCCL beside it on a GPU), same DeepSpeed path."""
     from sdeseg.runtime.engine import init_single_process_group
 
     if cfg.runtime.use_gpu and not torch.cuda.is_available():
         raise ConfigError("runtime.use_gpu: this machine has no CUDA GPU (set runtime.use_gpu=false)")
     cfg = preflight(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
-    init_single_process_group()
+    init_single_process_group(cfg.runtime.use_gpu)
     device = torch.device("cuda", 0) if cfg.runtime.use_gpu else torch.device("cpu")
     return _run_worker(cfg, run_dir, 0, 1, device, "local")
 

@@ -168,7 +168,7 @@ def test_training_overrides_load_as_a_config(stage, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the gate: "auto" runs the reference ops on CUDA until the GPU check has passed
+# the gate: "auto" runs the reference ops on CUDA until the GPU check has passed (it has: 2026-12-04)
 
 
 @pytest.fixture
@@ -178,16 +178,21 @@ def cuda_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
-def test_auto_uses_the_reference_ops_on_cuda_until_the_gpu_check_passed(cuda_present):
-    assert api.AUTO_USES_TRITON_ON_CUDA is False, "flip only after a passing `make gpu-check` on a GPU"
+def test_auto_uses_the_reference_ops_on_cuda_while_the_gate_is_closed(cuda_present, monkeypatch):
+    monkeypatch.setattr(api, "AUTO_USES_TRITON_ON_CUDA", False)
     assert api.get_backend() == "auto"
     assert all(api._fused_module(op) is None for op in ("depth_mix", "inverse_warp", "photometric_error"))
 
 
-def test_auto_picks_triton_on_cuda_once_flipped(cuda_present, monkeypatch):
+def test_auto_picks_triton_on_cuda_since_the_gpu_check_passed(cuda_present):
     pytest.importorskip("triton")
-    monkeypatch.setattr(api, "AUTO_USES_TRITON_ON_CUDA", True)
-    assert api._fused_available("depth_mix", "auto")
+    assert api.AUTO_USES_TRITON_ON_CUDA is True, "opened after the passing `make gpu-check` of 2026-12-04"
+    assert all(api._fused_available(op, "auto") for op in ("depth_mix", "inverse_warp", "photometric_error"))
+
+
+def test_reference_backend_still_forces_the_plain_ops_on_cuda(cuda_present):
+    api.set_backend("reference")  # what runtime.ops_backend=reference does
+    assert all(api._fused_module(op) is None for op in ("depth_mix", "inverse_warp", "photometric_error"))
 
 
 @pytest.mark.parametrize("how", ["env", "set_backend"])

@@ -2,10 +2,9 @@
 
 ``depth_mix``, ``inverse_warp`` and ``photometric_error`` dispatch to a backend:
 ``reference`` (plain PyTorch, any device) or ``triton`` (fused kernels; on CPU
-tensors only under ``TRITON_INTERPRET=1``). ``auto`` (default) uses ``reference``
-until the kernels have passed ``make gpu-check`` on a real GPU; then
-``api.AUTO_USES_TRITON_ON_CUDA`` is set and ``auto`` picks ``triton`` for CUDA
-tensors when Triton is importable. The environment variable
+tensors only under ``TRITON_INTERPRET=1``). ``auto`` (default) picks ``triton`` for CUDA
+tensors when Triton is importable (``api.AUTO_USES_TRITON_ON_CUDA``, set since the kernels
+passed ``make gpu-check`` on a real GPU) and ``reference`` otherwise. The environment variable
 ``SDESEG_OPS_BACKEND`` or :func:`set_backend` (driven by ``runtime.ops_backend``)
 forces one.
 """

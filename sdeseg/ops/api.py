@@ -13,11 +13,11 @@ from sdeseg.ops.inverse_warp.reference import inverse_warp_reference
 from sdeseg.ops.photometric_error.reference import photometric_error_reference
 
 BACKENDS = ("auto", "reference", "triton")
-# Whether "auto" runs the fused Triton kernels on CUDA tensors. False until the kernels have passed
-# `make gpu-check` (CUDA kernel tests, and SDE / semi-supervised runs that match the reference ops)
-# on a real GPU: so far they are only tested under the CPU interpreter and compiled, never run.
-# After a passing check, set True and put its table in BENCHMARKS.md. "triton" forces them anyway.
-AUTO_USES_TRITON_ON_CUDA = False
+# Whether "auto" runs the fused Triton kernels on CUDA tensors. True since the kernels passed
+# `make gpu-check` on a real GPU (2026-12-04, one H200, torch 2.11 + Triton 3.6: the CUDA kernel
+# tests, and SDE / semi-supervised bf16 runs that match the reference ops; table in BENCHMARKS.md).
+# "reference" (runtime.ops_backend / SDESEG_OPS_BACKEND) still forces the plain PyTorch ops.
+AUTO_USES_TRITON_ON_CUDA = True
 _forced: str | None = None
 
 

@@ -56,9 +56,16 @@ class Case:
         return run
 
     def fwd_bwd(self, fn: Callable) -> Callable[[], object]:
+        # Dense random output gradients, drawn once, as a loss hands them back: seeding with
+        # ``o.sum()`` would give stride-0 expanded ones, which an op that needs contiguous
+        # gradients first materialises (a full extra copy that training never makes).
+        seeds: list[torch.Tensor] = []
+
         def run():
             outs = [t for t in _flatten(fn(*self.args)) if t.is_floating_point()]
-            return torch.autograd.grad([o.sum() for o in outs], self.leaves)
+            if not seeds:
+                seeds.extend(torch.randn_like(o) for o in outs)
+            return torch.autograd.grad(outs, self.leaves, grad_outputs=seeds)
 
         return run
 

@@ -54,8 +54,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def init_single_process_group() -> None:
-    """A world of one (gloo) for in-process runs, so the same DeepSpeed path is used.
+def init_single_process_group(use_gpu: bool = False) -> None:
+    """A world of one for in-process runs, so the same DeepSpeed path is used: gloo, and with
+    ``use_gpu`` NCCL for CUDA tensors beside it (``cpu:gloo,cuda:nccl``): gloo has no CUDA
+    reduce, all-gather or reduce-scatter, which DeepSpeed's ZeRO-1/2 call on the gradients.
 
     The rendezvous goes through an in-memory store, not MASTER_ADDR/MASTER_PORT: a port put in
     the environment would be inherited by child processes while this process's store still
@@ -68,7 +70,8 @@ def init_single_process_group() -> None:
         return
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: Config, world_size: int,
