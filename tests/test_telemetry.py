@@ -13,8 +13,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
-from sdeseg.runtime.telemetry import METRICS, SERIES, MetricLogger, ProgressLine, PrometheusMetrics, series_for
+from sdeseg.runtime.telemetry import (
+    METRICS,
+    SERIES,
+    MetricLogger,
+    ProgressLine,
+    PrometheusMetrics,
+    StepMeter,
+    series_for,
+)
 from tests.conftest import free_port, tiny_config
 
 
@@ -271,6 +280,30 @@ def test_progress_line_shows_step_losses_throughput_data_wait_and_eta(tmp_path, 
     assert ProgressLine("contrastive", 250).val(125, {"unsup/miou": 0.1, "unsup/acc": 0.5}) == (
         "contrastive validation at step 125: unsup/miou 0.1")
     assert ProgressLine("semiseg", 10).val(5, {}) == "semiseg validation at step 5: (no labelled data)"
+    gpu = ProgressLine("semiseg", 100).train(10, TRAIN | {"perf/gpu_mem_peak_bytes": 3.5 * 2**30})
+    assert "| data wait 25% | GPU 3.5 GiB peak | ETA " in gpu
+
+
+def test_step_meter_reports_gpu_memory_only_where_cuda_is_in_use():
+    """On CPU (CI) no GPU key and CUDA is never initialised by the meter; on CUDA the peak of
+    the interval: at least a tensor allocated in it, and reset by the next interval."""
+    meter = StepMeter()
+    meter.update({"seg/total": 1.0}, samples=2, data_time=0.0)
+    meter.step_done()
+    if not torch.cuda.is_available():
+        assert "perf/gpu_mem_peak_bytes" not in meter.summary(1)
+        assert not torch.cuda.is_initialized()
+        assert series_for("train", "perf/gpu_mem_peak_bytes") == ("sdeseg_gpu_memory_peak_bytes", {})
+        return
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB
+    meter.reset()
+    x = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # 512 MiB in this interval
+    del x
+    peak = meter.summary(1)["perf/gpu_mem_peak_bytes"]
+    assert peak >= (256 + 512) * 2**20
+    meter.reset()
+    assert meter.summary(1)["perf/gpu_mem_peak_bytes"] < peak - 500 * 2**20  # the freed 512 MiB is gone
+    del big
 
 
 def test_verbose_flag_before_or_after_the_subcommand():

@@ -64,6 +64,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("sdeseg_step_duration_seconds", "gauge", "Mean optimizer step time over the last log interval."),
     Metric("sdeseg_samples_per_second", "gauge", "Training samples per second over all ranks."),
     Metric("sdeseg_data_wait_ratio", "gauge", "Share of rank 0's step time spent waiting for data."),
+    Metric("sdeseg_gpu_memory_peak_bytes", "gauge", "Peak CUDA memory allocated by rank 0 over the last log interval."),
     Metric("sdeseg_pseudo_label_confident_ratio", "gauge", "Share of pseudo-labelled pixels above the threshold."),
     Metric("sdeseg_val_step", "gauge", "The optimizer step of the last validation."),
     Metric("sdeseg_val_miou_ratio", "gauge", "Validation mean IoU.", ("model",)),
@@ -86,6 +87,7 @@ SERIES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("train", r"perf/step_s", "sdeseg_step_duration_seconds", {}),
     ("train", r"perf/samples_per_s", "sdeseg_samples_per_second", {}),
     ("train", r"perf/data_wait_frac", "sdeseg_data_wait_ratio", {}),
+    ("train", r"perf/gpu_mem_peak_bytes", "sdeseg_gpu_memory_peak_bytes", {}),
     ("train", r"lr/(.+)", "sdeseg_learning_rate", {"group": r"\1"}),
     ("train", r"seg/confident", "sdeseg_pseudo_label_confident_ratio", {}),
     ("train", r"((?:seg|depth)/.+)", "sdeseg_train_loss", {"term": r"\1"}),
@@ -291,6 +293,8 @@ class ProgressLine:
             parts.append(f"{metrics['perf/samples_per_s']:.1f} samples/s")
         if "perf/data_wait_frac" in metrics:
             parts.append(f"data wait {100 * metrics['perf/data_wait_frac']:.0f}%")
+        if "perf/gpu_mem_peak_bytes" in metrics:
+            parts.append(f"GPU {metrics['perf/gpu_mem_peak_bytes'] / 2**30:.1f} GiB peak")
         parts.append(f"ETA {_duration(per_step * max(self.total - step, 0))}")
         return " | ".join(parts)
 
@@ -429,6 +433,10 @@ class StepMeter:
         self.samples = 0
         self.data_time = 0.0
         self.start = time.perf_counter()
+        if _cuda_in_use():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
 
     def update(self, losses: dict[str, Any], samples: int, data_time: float) -> None:
         for k, v in losses.items():
@@ -449,4 +457,16 @@ class StepMeter:
         out["perf/samples_per_s"] = self.samples * world_size / elapsed
         out["perf/data_wait_frac"] = self.data_time / elapsed
         out["perf/step_s"] = elapsed / max(self.steps or self.n, 1)
+        if _cuda_in_use():
+            import torch
+
+            out["perf/gpu_mem_peak_bytes"] = float(torch.cuda.max_memory_allocated())
         return out
+
+
+def _cuda_in_use() -> bool:
+    """Whether this process has touched CUDA (its current device then holds the stage's tensors);
+    never initialises CUDA itself."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
