@@ -117,6 +117,17 @@ def test_parse_bench_reads_the_benchmark_table():
     assert rows[2]["shape"] == "sde 2x512x1024" and rows[2]["pct_of_copy"] == 16
 
 
+def test_parse_handoff_reads_both_rows_of_the_handoff_benchmark():
+    text = "\n".join([
+        "hand-off benchmark: 2 jittered triplets of 512x1024 + label, device cuda, torch threads 8, median of 10",
+        "| hand-off | ms / batch | image MB copied |", "|---|---|---|",
+        "| host float32 | 41.3 | 75.5 |", "| uint8, converted on the device | 3.2 | 18.9 |",
+    ])
+    assert gpu_check.parse_handoff(text) == {"host float32": (41.3, 75.5),
+                                             "uint8, converted on the device": (3.2, 18.9)}
+    assert gpu_check.parse_handoff("| hand-off | ms / batch | image MB copied |") == {}
+
+
 def test_parse_junit_counts_the_cuda_cases(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text(

@@ -130,6 +130,65 @@ def test_in_process_equals_one_worker(even_ds):
     same_batches(in_process, list(stream(even_ds, num_workers=1, epochs=1)))
 
 
+def _fields_equal(a, b):
+    """Every field of two batches equal (tensors bitwise, dtypes included)."""
+    assert a.keys == b.keys
+    for name in ("images", "images_aug", "K", "inv_K", "label", "depth", "T", "geometry", "derived"):
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, dict):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype for k in x)
+        elif x is None:
+            assert y is None, name
+        else:
+            assert torch.equal(x, y) and x.dtype == y.dtype, name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("augment", [AugmentConfig(), None], ids=["jitter", "no-augment"])
+def test_a_uint8_stream_moved_with_batch_to_equals_the_float_stream(even_ds, workers, augment):
+    """as_float=False hands out the readers' uint8 images; Batch.to converts them on the target
+    device to exactly the float batch the default stream gives, and keeps images_aug one copy
+    of images where there is no jitter."""
+    floats = list(stream(even_ds, num_workers=workers, epochs=1, augment=augment))
+    raw = list(stream(even_ds, num_workers=workers, epochs=1, augment=augment, as_float=False))
+    assert len(raw) == len(floats) > 2
+    for r, f in zip(raw, floats):
+        assert all(x.dtype == torch.uint8 for x in (*r.images.values(), *r.images_aug.values()))
+        assert (r.images_aug is r.images) == (augment is None)
+        moved = r.to("cpu")
+        _fields_equal(moved, f)
+        assert (moved.images_aug is moved.images) == (augment is None)
+        assert r.images[0].dtype == torch.uint8  # moving made a new batch, the shipped one is unchanged
+    assert float(floats[0].images[0].max()) > 0.9  # images in [0, 1], not [0, 255]
+
+
+def test_a_float_batch_moves_unchanged_and_keeps_one_copy_of_unjittered_images(even_ds):
+    b = next(iter(stream(even_ds, augment=None)))
+    moved = b.to("cpu")
+    assert moved.images_aug is moved.images and moved.images[0] is b.images[0]  # nothing copied on one device
+    jittered = next(iter(stream(even_ds)))
+    moved = jittered.to(torch.device("cpu"), non_blocking=False)
+    assert moved.images_aug is not moved.images and torch.equal(moved.images_aug[0], jittered.images_aug[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pinned_uint8_batches_copy_to_the_gpu_and_convert_there(even_ds, workers):
+    """pin_memory=True: page-locked uint8 batches (pinned by the DataLoader's thread, or in
+    process without workers); Batch.to(cuda) copies them asynchronously and converts on the
+    GPU to the host conversion's values (the GPU divides by multiplying with 1/255: 1 ulp)."""
+    floats = list(stream(even_ds, num_workers=workers, epochs=1))
+    pinned = list(stream(even_ds, num_workers=workers, epochs=1, as_float=False, pin_memory=True))
+    for p, f in zip(pinned, floats):
+        assert p.images[0].is_pinned() and p.images[0].dtype == torch.uint8 and p.K.is_pinned()
+        moved = p.to("cuda")
+        assert moved.images[0].device.type == "cuda" and moved.images[0].dtype == torch.float32
+        for fid in f.images:
+            torch.testing.assert_close(moved.images[fid].cpu(), f.images[fid], rtol=0, atol=1.2e-7)
+            torch.testing.assert_close(moved.images_aug[fid].cpu(), f.images_aug[fid], rtol=0, atol=1.2e-7)
+        assert torch.equal(moved.label.cpu(), f.label) and torch.equal(moved.K.cpu(), f.K)
+
+
 def test_batch_contents(even_ds):
     b = next(iter(stream(even_ds, batch_size=4)))
     assert set(b.images) == {-1, 0, 1}
@@ -501,3 +560,16 @@ def test_val_loader_splits_by_rank(even_ds):
     b = next(iter(loaders[0]))
     assert b.images[0].shape == (3, 3, H, W) and b.label.shape == (3, H, W) and len(loaders[0]) == 2
     assert len(list(ValLoader(even_ds, batch_size=2, max_batches=2))) == 2
+
+
+def test_the_handoff_benchmark_times_both_paths(capsys):
+    """`python -m sdeseg.data.bench --handoff`: both hand-offs, a time each; on the CPU nothing is
+    copied (the GPU figures come from a GPU machine, BENCHMARKS.md)."""
+    from sdeseg.data.bench import _uint8_batch, main
+
+    main(["--handoff", "--device", "cpu", "--size", "8", "16", "--repeats", "2", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["host float32", "uint8, converted on the device"]
+    assert all(float(r[1]) > 0 and float(r[2]) == 0 for r in rows)
+    b = _uint8_batch(2, 8, 16, seed=0)  # what it hands off: a jittered uint8 triplet batch
+    assert b.images[0].dtype == torch.uint8 and b.images_aug is not b.images and b.images[0].shape == (2, 3, 8, 16)

@@ -220,3 +220,26 @@ def test_ray_run_name_is_unique_per_run_directory(tmp_path):
     assert ray_run_name(a, storage) == ray_run_name(tmp_path / "a" / "x" / ".." / "semiseg", storage)
     assert ray_run_name(a, storage).startswith("semiseg-")
     assert ray_run_name(a, storage, "mine") == "mine"
+
+
+def test_stage_streams_ship_uint8_for_batch_to_and_pin_them_only_for_a_gpu(synthetic_root, tmp_path):
+    """ctx.train_stream hands out uint8 images, which the stage's Batch.to(ctx.device) turns into
+    the float batch a host stream (as_float=True, for stages that work on the host first) gives;
+    the batches are page-locked for a CUDA rank only."""
+    from sdeseg.runtime import StageContext
+
+    cfg = tiny_config("demo_sde", synthetic_root)
+    ctx = StageContext(cfg, tmp_path / "cpu", 0, 1, torch.device("cpu"))
+    shipped, host = ctx.train_stream(), ctx.train_stream(as_float=True)
+    assert not shipped.pin_memory and not host.pin_memory
+    for a, b in zip(shipped, host):
+        assert a.images[0].dtype == torch.uint8 and b.images[0].dtype == torch.float32
+        moved = a.to(ctx.device)
+        assert all(torch.equal(moved.images[f], b.images[f]) and torch.equal(moved.images_aug[f], b.images_aug[f])
+                   for f in (-1, 0, 1))
+        assert torch.equal(moved.K, b.K) and torch.equal(moved.T[1], b.T[1])
+        break
+    ctx.close()
+    gpu = StageContext(cfg, tmp_path / "gpu", 0, 1, torch.device("cuda", 0))  # nothing here touches CUDA
+    assert gpu.train_stream().pin_memory and not gpu.train_stream(as_float=True).pin_memory
+    gpu.close()

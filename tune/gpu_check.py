@@ -8,7 +8,9 @@ On a CUDA machine, in this order, each step with its own time budget inside one 
 
 1. environment: GPU, driver, torch, CUDA and Triton versions;
 2. the CUDA tests (``CUDA_TESTS``: the kernels against the references, forward and backward);
-3. ``python -m sdeseg.ops.bench``: reference and fused times (full table in ``bench.md``);
+3. ``python -m sdeseg.ops.bench``: reference and fused times (full table in ``bench.md``), and
+   ``python -m sdeseg.data.bench --handoff``: what handing the paper size's SDE batch to the GPU
+   costs the training process, float32 converted on the host against uint8 converted on the GPU;
 4. a small synthetic dataset (``sdeseg prep synthetic``);
 5. the SDE stage (``demo_sde``) and the semi-supervised stage (``demo_semiseg``, from the
    reference SDE run's export), ``--steps`` steps each, bf16 on the GPU, once with
@@ -42,11 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_TESTS = ("tests/test_ops_fused.py",)  # the tests with CUDA-only cases
+CUDA_TESTS = (  # the tests with CUDA-only cases
+    "tests/test_ops_fused.py",
+    "tests/test_reader.py::test_pinned_uint8_batches_copy_to_the_gpu_and_convert_there",
+)
 BACKENDS = ("reference", "triton")
 DEFAULT_BUDGET_S = 450.0  # the whole check; 8 minutes is the promise
 BUDGETS_S = {  # per step; a step also stops at the overall deadline
-    "environment": 30, "cuda_tests": 150, "bench": 75, "data": 45, "train": 45,
+    "environment": 30, "cuda_tests": 150, "bench": 75, "handoff": 30, "data": 45, "train": 45,
 }
 DATA = {"num_train": 96, "num_val": 16, "num_test": 16, "size": "96x192"}
 # Agreement of a run with the Triton ops and one with the reference ops (same seed, data, weights).
@@ -334,6 +339,31 @@ def compare_runs(reference: dict, triton: dict) -> tuple[bool, str, dict]:
     return ok, summary, figures
 
 
+_HANDOFF_ROW = re.compile(r"^\|\s*(host float32|uint8, converted on the device)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|$")
+
+
+def parse_handoff(text: str) -> dict:
+    """``python -m sdeseg.data.bench --handoff``'s two rows: hand-off -> (ms per batch, image MB copied)."""
+    rows = {}
+    for line in text.splitlines():
+        m = _HANDOFF_ROW.match(line.strip())
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return rows
+
+
+def handoff(check: GpuCheck, timeout: float) -> tuple[str, dict]:
+    output = check.command("batch hand-off", [sys.executable, "-m", "sdeseg.data.bench", "--handoff"], timeout)
+    rows = parse_handoff(output)
+    if len(rows) != 2:
+        raise StepFailed("no hand-off rows in the output")
+    (host_ms, host_mb), (dev_ms, dev_mb) = rows["host float32"], rows["uint8, converted on the device"]
+    return (f"SDE batch 2x3 frames 512x1024 to the GPU: float32 converted on the host {host_ms:.1f} ms "
+            f"({host_mb:.0f} MB), uint8 converted on the GPU {dev_ms:.1f} ms ({dev_mb:.0f} MB)"), {
+        "host_float32_ms": host_ms, "host_float32_mb": host_mb, "uint8_on_device_ms": dev_ms,
+        "uint8_on_device_mb": dev_mb}
+
+
 def compare(check: GpuCheck, stage: str) -> tuple[str, dict]:
     missing = [b for b in BACKENDS if (stage, b) not in check.runs]
     if missing:
@@ -349,6 +379,7 @@ def run_all(check: GpuCheck, steps: int) -> None:
     check.run("environment", BUDGETS_S["environment"], environment)
     check.run("CUDA tests", BUDGETS_S["cuda_tests"], lambda t: cuda_tests(check, t))
     check.run("ops benchmark", BUDGETS_S["bench"], lambda t: bench(check, t))
+    check.run("batch hand-off", BUDGETS_S["handoff"], lambda t: handoff(check, t))
     data_root = check.out / "data"
     check.run("synthetic data", BUDGETS_S["data"], lambda t: make_data(check, data_root, t))
     for backend in BACKENDS:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
     # a world of one without a process group: validate() only reduces when world_size > 1
     ctx = StageContext(cfg, Path(tempfile.mkdtemp(prefix="sde_probe_")), 0, 1, torch.device("cpu"))
-    stream = ctx.train_stream(frames=(-1, 0, 1), num_workers=0)
+    stream = ctx.train_stream(frames=(-1, 0, 1), num_workers=0, as_float=True)
     print("| step | wall s | photometric loss | abs_rel / baseline | a1 (baseline) |\n|---|---|---|---|---|")
     start = time.perf_counter()
     for step, batch in enumerate(stream, 1):

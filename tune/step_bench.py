@@ -51,7 +51,7 @@ def bench(preset: str, overrides: list[str], steps: int, rounds: int,
     with tempfile.TemporaryDirectory() as tmp:
         engines = _engines(preset, overrides, Path(tmp), list(precisions))
         cfg, ctx, _, _ = engines[precisions[0]]
-        stream = iter(ctx.train_stream(frames=(-1, 0, 1) if cfg.stage == "sde" else (0,), num_workers=0))
+        stream = iter(ctx.train_stream(frames=(-1, 0, 1) if cfg.stage == "sde" else (0,), num_workers=0, as_float=True))
         batches = [next(stream) for _ in range(steps)]
         labeled = None
         if cfg.stage == "semiseg":

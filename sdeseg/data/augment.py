@@ -347,7 +347,7 @@ def augment_sample(
 
     Images stay uint8 here: a DataLoader worker ships a quarter of the bytes of float32
     through shared memory, and the reader converts whole batches to float32 in [0,1]
-    (``shardio.batch_to_float``). The jittered frames are rounded back to uint8, as
+    (``Batch.as_float``). The jittered frames are rounded back to uint8, as
     Monodepth2's PIL-based ColorJitter does.
 
     Returns ``{"key", "images": {fid: (3,h,w) uint8}, "images_aug": {fid: (3,h,w) uint8} | None

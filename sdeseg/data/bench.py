@@ -13,6 +13,14 @@ with the images): samples per CPU-second of the centre frames alone and with the
 join's cost per sample, i.e. the time that left the training step when the join moved into the
 reader.
 
+``--handoff`` measures what the training process itself spends handing one batch to its device
+(``next(stream).to(device)`` after the batch has arrived from a DataLoader worker), at the paper
+size's SDE batch (2 triplets of 512x1024, jittered copies beside the originals): converting the
+uint8 images to float32 on the host and copying float32 (``ShardStream(as_float=True)``), against
+copying the uint8 batch, page-locked where the device is a GPU, and converting it there (what
+``StageContext.train_stream`` ships). Each repeat gets a freshly allocated batch, as from a
+worker; on a GPU the time includes the copy's completion (``torch.cuda.synchronize``).
+
 Results and the command line are recorded in ``docs/bench/reader.md`` and BENCHMARKS.md.
 """
 
@@ -193,6 +201,58 @@ def join_main(args) -> None:
         print(f"| {size} | {n} | {mb:.2f} | {r['plain']:.1f} | {r['joined']:.1f} | {r['join_ms_per_sample']:.2f} |")
 
 
+def _uint8_batch(batch: int, h: int, w: int, seed: int) -> Batch:
+    """A reader's uint8 batch of ``batch`` jittered triplets of (h, w), label and K/T as shipped."""
+    g = torch.Generator().manual_seed(seed)
+
+    def img():
+        return torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=g)
+
+    K = torch.eye(3).expand(batch, 3, 3).clone()
+    return Batch(keys=[f"b/train/{i}" for i in range(batch)], images={f: img() for f in FRAMES},
+                 images_aug={f: img() for f in FRAMES}, K=K, inv_K=K.clone(),
+                 label=torch.randint(0, 19, (batch, h, w), generator=g), T={-1: torch.eye(4).expand(batch, 4, 4),
+                                                                           1: torch.eye(4).expand(batch, 4, 4)})
+
+
+def measure_handoff(device: torch.device, batch: int, size: tuple[int, int], repeats: int) -> dict:
+    """Median milliseconds per batch of the two hand-offs (module doc), and the image bytes each
+    copies to a GPU (0 on the CPU, where both convert on the host and nothing is copied)."""
+    cuda = device.type == "cuda"
+
+    def done():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    out = {}
+    for name in ("host float32", "uint8, converted on the device"):
+        times = []
+        for r in range(repeats + 1):  # repeat 0 warms up (allocators, CUDA context)
+            b = _uint8_batch(batch, *size, seed=r)
+            if name.startswith("uint8") and cuda:
+                b = b.pin_memory()  # the DataLoader's pin thread does this, beside the training process
+            done()
+            t0 = time.perf_counter()
+            moved = (b.as_float() if name.startswith("host") else b).to(device)
+            done()
+            if r:
+                times.append(time.perf_counter() - t0)
+        images = [*moved.images.values(), *moved.images_aug.values()]
+        copied = sum(x.numel() for x in images) * (4 if name.startswith("host") else 1) if cuda else 0
+        out[name] = {"ms": 1e3 * float(np.median(times)), "image_mb": copied / 1e6}
+    return out
+
+
+def handoff_main(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads)
+    print(f"hand-off benchmark: {args.batch} jittered triplets of {args.size[0]}x{args.size[1]} + label, "
+          f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    print("| hand-off | ms / batch | image MB copied |\n|---|---|---|")
+    for name, r in measure_handoff(device, args.batch, tuple(args.size), args.repeats).items():
+        print(f"| {name} | {r['ms']:.1f} | {r['image_mb']:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=320, help="samples at 96x192")
@@ -201,7 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tmp", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--join", action="store_true", help="measure joining a derived dataset instead")
+    p.add_argument("--handoff", action="store_true", help="measure the hand-off of a batch to its device instead")
+    p.add_argument("--device", default=None, help="--handoff: the device (default: cuda if there is one)")
+    p.add_argument("--batch", type=int, default=2, help="--handoff: triplets per batch")
+    p.add_argument("--size", type=int, nargs=2, default=[512, 1024], help="--handoff: image height and width")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="--handoff: torch threads")
     args = p.parse_args(argv)
+    if args.handoff:
+        return handoff_main(args)
     torch.set_num_threads(1)  # one core per reader: the figures are per core
     if args.join:
         return join_main(args)

@@ -86,7 +86,6 @@ from sdeseg.data.shardio import (
     BrokenShard,
     CorruptTracker,
     ShardIndex,
-    batch_to_float,
     collate,
     decode_members,
     scan_shard,
@@ -395,6 +394,9 @@ class ShardStream:
         derived: batch field -> (derived dataset root, member name), e.g. ``{"depth": (root,
             "pseudo_depth.npy")}``: ``batch.derived[field]`` (B,h,w) in the member's dtype, read
             by the reader and cropped and flipped like the images (module doc, 8.).
+        as_float: images and images_aug as float32 in [0, 1] (the default); False: as uint8,
+            which ``Batch.to(device)`` converts on ``device`` (module doc, 5.).
+        pin_memory: batches in page-locked memory, for asynchronous copies to a GPU (needs CUDA).
 
     Batches: ``sdeseg.data.batch.Batch`` with images (B,3,h,w) per frame, K/inv_K (B,3,3),
     label (B,h,w) int64 or None, depth (B,1,h,w) or None, instance (B,h,w) int64 or None
@@ -423,6 +425,8 @@ class ShardStream:
         max_corrupt_fraction: float = 0.01,
         epochs: int | None = None,
         derived: Mapping[str, tuple[str, str]] | None = None,
+        as_float: bool = True,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -459,6 +463,7 @@ class ShardStream:
                 "no rank would get a single batch"
             )
         self.num_workers = num_workers
+        self.as_float, self.pin_memory = as_float, pin_memory
         self.epoch = 0
         self.batches_in_epoch = 0
         self.corrupt_count = 0
@@ -519,13 +524,16 @@ class ShardStream:
         else:
             source = iter(DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                prefetch_factor=2,
+                prefetch_factor=2, pin_memory=self.pin_memory,
             ))
         try:
             for batch, corrupt in source:
                 if self._active is not token:
                     raise RuntimeError("stale reader iterator: iter() or load_state_dict() was called since")
-                batch = batch_to_float(batch)  # workers ship uint8: a quarter of the bytes
+                if self.pin_memory and self.num_workers == 0:
+                    batch = batch.pin_memory()
+                if self.as_float:  # workers ship uint8: a quarter of the bytes
+                    batch = batch.as_float()
                 self.corrupt_count += corrupt
                 # count the batch as consumed before handing it out: a checkpoint taken after the
                 # caller trained on it must resume after it

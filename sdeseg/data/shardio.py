@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from sdeseg.data.augment import to_float
 from sdeseg.data.batch import Batch
 from sdeseg.data.classes import IGNORE_INDEX
 from sdeseg.data.codec import FRAME_NAMES, INSTANCE_MEMBER, SampleError, decode_sample
@@ -271,7 +270,7 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
     """Stack per-sample tensors (``augment.augment_sample`` layout) into a Batch.
 
     Shapes: images/images_aug {fid: (B,3,H,W)} float32 in [0,1] (uint8 with ``as_float=False``;
-    see :func:`batch_to_float`), K/inv_K (B,3,3), label (B,H,W) int64 with 255 for unlabeled
+    see :meth:`Batch.as_float`), K/inv_K (B,3,3), label (B,H,W) int64 with 255 for unlabeled
     samples (None when no sample has one), depth (B,1,H,W) with 0 where a sample has none
     (None when none has), instance (B,H,W) int64 Cityscapes instanceIds with 0 ("unlabeled")
     for samples without a map (None when none has), T {fid: (B,4,4)} only when every sample
@@ -312,18 +311,7 @@ def collate(samples: list[dict[str, Any]], frames: tuple[int, ...], as_float: bo
         keys=[s["key"] for s in samples], images=images, images_aug=images_aug, K=K, inv_K=inv_K,
         label=label, depth=depth, T=T, geometry=geometry, instance=instance,
     )
-    return batch_to_float(batch) if as_float else batch
-
-
-def batch_to_float(batch: Batch) -> Batch:
-    """uint8 images / images_aug -> float32 in [0,1] (in place; ``images_aug is images`` is kept)."""
-    def conv(images: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {fid: to_float(x) if x.dtype == torch.uint8 else x for fid, x in images.items()}
-
-    same = batch.images_aug is batch.images
-    batch.images = conv(batch.images)
-    batch.images_aug = batch.images if same else conv(batch.images_aug)
-    return batch
+    return batch.as_float() if as_float else batch
 
 
 class CorruptTracker:
@@ -356,6 +344,6 @@ def seeded_rng(*entropy: int) -> np.random.Generator:
 
 
 __all__ = [
-    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate", "batch_to_float",
+    "ShardIndex", "scan_shard", "BrokenShard", "decode_members", "collate",
     "CorruptTracker", "seeded_rng", "unknown_keys_error",
 ]

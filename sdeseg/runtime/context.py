@@ -92,12 +92,19 @@ class StageContext:
 
     # ------------------------------------------------------------------ data
 
-    def train_stream(self, frames: tuple[int, ...] = (-1, 0, 1), labels: bool = True, **overrides: Any):
-        """This rank's endless training stream of ``data.train_split`` (``sdeseg.data.reader.ShardStream``)."""
+    def train_stream(self, frames: tuple[int, ...] = (-1, 0, 1), labels: bool = True, as_float: bool = False,
+                     **overrides: Any):
+        """This rank's endless training stream of ``data.train_split`` (``sdeseg.data.reader.ShardStream``).
+
+        Its batches carry uint8 images, page-locked on a CUDA rank: the stage moves each to
+        ``self.device`` with ``Batch.to``, which converts them there (the host neither converts
+        nor copies float32). ``as_float=True``: float32 images on the host, for a stage that
+        works on them there before moving them."""
         from sdeseg.data.reader import make_loader
 
         return make_loader(self.cfg.data, rank=self.rank, world_size=self.world_size, seed=self.cfg.train.seed,
-                           frames=frames, labels=labels, **overrides)
+                           frames=frames, labels=labels, as_float=as_float,
+                           pin_memory=not as_float and torch.device(self.device).type == "cuda", **overrides)
 
     def val_loader(self, split: str | None = None, frames: tuple[int, ...] = (0,), max_batches: int | None = None):
         """This rank's share of an evaluation split (default ``data.val_split``, capped at

@@ -111,7 +111,7 @@ def group_maps(ub) -> tuple[torch.Tensor, torch.Tensor]:
 def group_stream(cfg: Config, ctx: StageContext):
     """This rank's endless unlabeled batches with their stored depth and regions joined."""
     root = cfg.contrastive.regions_root
-    return ctx.train_stream(frames=(0,), labels=False,
+    return ctx.train_stream(frames=(0,), labels=False, as_float=True,  # views are made on the host
                             derived={"depth": (root, DEPTH_MEMBER), "regions": (root, REGIONS_MEMBER)})
 
 
