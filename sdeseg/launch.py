@@ -189,7 +189,7 @@ def ensure_ray(cfg: Config):
     otherwise a warning says what Ray Train waits for (:mod:`sdeseg.runtime.cluster`)."""
     import ray
 
-    from sdeseg.runtime.cluster import assess, loopback_only, read_cluster_view
+    from sdeseg.runtime.cluster import assess, read_cluster_view, start_local_cluster
 
     rt = cfg.runtime
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
@@ -201,10 +201,7 @@ def ensure_ray(cfg: Config):
             need = rt.num_workers * rt.cpus_per_worker
             # workers inherit the settings that change behaviour (ops backend, test hooks)
             env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-            with loopback_only():
-                ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), _node_ip_address="127.0.0.1",
-                         dashboard_host="127.0.0.1", log_to_driver=True,
-                         runtime_env={"env_vars": env} if env else None)
+            start_local_cluster(max(int(need + 0.999), os.cpu_count() or 1), env, log_to_driver=True)
     bundle = {"CPU": rt.cpus_per_worker} | ({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})
     verdict = assess(bundle, rt.num_workers, read_cluster_view(autoscaler_possible=False))
     if verdict.status != "fits" and not started_here:  # no room now: can the cluster grow?

@@ -156,7 +156,7 @@ def ensure_tune_cluster(spec: SearchSpec) -> None:
     head does) or start a local cluster with one ``TRAIN_DRIVER`` per concurrent trial."""
     import ray
 
-    from sdeseg.runtime.cluster import loopback_only
+    from sdeseg.runtime.cluster import start_local_cluster
 
     if ray.is_initialized():
         return
@@ -174,10 +174,8 @@ def ensure_tune_cluster(spec: SearchSpec) -> None:
     from sdeseg.launch import PASS_ENV
 
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    with loopback_only():
-        ray.init(num_cpus=os.cpu_count() or 1, resources={DRIVER_RESOURCE: spec.max_concurrent},
-                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": env} if env else None)
+    start_local_cluster(os.cpu_count() or 1, env, resources={DRIVER_RESOURCE: spec.max_concurrent},
+                        log_to_driver=True)
 
 
 def experiment_root(spec: SearchSpec, out: Path) -> str:

@@ -147,16 +147,19 @@ def test_derived_dataset_resumes_and_joins_back_to_the_source_by_key(runs, synth
 
 
 @pytest.mark.slow
-def test_derived_dataset_from_two_ray_actors_equals_the_in_process_one(runs, synthetic_root, tmp_path):
+def test_derived_dataset_from_two_ray_actors_equals_the_in_process_one(runs, synthetic_root, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     from sdeseg.data.derived import DerivedDataset
     from sdeseg.infer import infer_dataset
 
     export = runs["sde"]["exports"]["last"]
     local = infer_dataset(export, synthetic_root, str(tmp_path / "local"), outputs=["depth"])
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:  # no RAY_ADDRESS: infer_dataset starts a local cluster as the training stages do
         remote = infer_dataset(export, synthetic_root, str(tmp_path / "ray"), outputs=["depth"], actors=2)
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     finally:
         ray.shutdown()
     assert remote["shards_written"] == local["shards_written"] and remote["samples"] == local["samples"] == 40

@@ -221,6 +221,28 @@ def test_fixed_cluster_fits_or_is_refused_naming_the_key(fixed_cluster, no_ray, 
         ensure_ray(_cfg("runtime.num_workers=1", "runtime.use_gpu=true"))
 
 
+def test_local_cluster_finds_itself_beside_another_ray_instance(fixed_cluster, no_ray):
+    """Another Ray instance runs on this machine (``fixed_cluster``, as a second sdeseg run's would):
+    the local cluster ``ensure_ray`` starts is a separate one, and code in its workers that looks
+    its cluster up through Ray's state API (as Ray Train's placement-group cleaner does) finds this
+    one instead of failing with "Found multiple active Ray instances"."""
+    from sdeseg.launch import ensure_ray
+
+    ensure_ray(_cfg("runtime.num_workers=1", "runtime.cpus_per_worker=1"))
+    ours = ray.get_runtime_context().gcs_address
+    assert ours.startswith("127.0.0.1:") and ours != fixed_cluster.address
+
+    @ray.remote(num_cpus=0)
+    def look_up() -> tuple[str | None, list[str]]:
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_ADDRESS"), [n.node_id for n in list_nodes()]
+
+    address, nodes = ray.get(look_up.remote(), timeout=180)
+    assert address == ours
+    assert nodes == [ray.get_runtime_context().get_node_id()]
+
+
 def test_published_limits_decide_exactly(fixed_cluster, no_ray, caplog):
     """An autoscaler that publishes its node types (the GCS ``ClusterConfig`` Ray Train reads):
     the test plays that autoscaler and publishes a GPU group of at most 2 nodes."""

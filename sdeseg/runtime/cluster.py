@@ -27,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # Ray's name for the node type of a node that no autoscaler manages (read-only monitor)
 READONLY_NODE_TYPE_PREFIX = "node_"
@@ -262,3 +264,46 @@ def loopback_only() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+# Ray reads the GCS port of a cluster it starts from this variable (0 or unset: a free one)
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def start_local_cluster(num_cpus: int, env_vars: dict[str, str] | None = None, **init_kwargs: Any) -> str:
+    """Start a Ray cluster on this machine for this process (``ray.init``): loopback only, its GCS
+    on a port chosen here, and ``RAY_ADDRESS`` naming that GCS in every worker's environment
+    (with ``env_vars``). Returns the GCS address.
+
+    Why the address: code inside the cluster that looks its cluster up through Ray's state API
+    (Ray Train's placement-group cleaner does, every few seconds) takes ``RAY_ADDRESS``, else
+    searches the machine for GCS processes; beside a second Ray instance (another sdeseg run, a
+    ``ray start``) that search fails with "Found multiple active Ray instances", and the
+    cleaner's monitor dies. ``RAY_GCS_SERVER_PORT``, when set, is used as the port."""
+    import ray
+
+    port = int(os.environ.get(GCS_PORT_ENV) or 0) or _free_loopback_port()
+    address = f"127.0.0.1:{port}"
+    saved = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        with loopback_only():
+            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                     runtime_env={"env_vars": (env_vars or {}) | {"RAY_ADDRESS": address}}, **init_kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = saved
+    started = ray.get_runtime_context().gcs_address
+    if started != address:  # a Ray that stops reading the variable: the workers' address would be wrong
+        ray.shutdown()
+        raise RuntimeError(f"Ray started its GCS at {started}, not at {address} ({GCS_PORT_ENV}): "
+                           "this Ray version no longer takes the GCS port from the environment")
+    return address
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
