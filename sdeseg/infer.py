@@ -437,10 +437,9 @@ def _run_on_ray(job: InferJob, plan: dict, rows: dict, actors: int, use_gpu: boo
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:  # a local cluster as the training stages start one (loopback only, its address in its workers)
-            from sdeseg.launch import PASS_ENV
             from sdeseg.runtime.cluster import start_local_cluster
 
-            start_local_cluster(os.cpu_count() or 1, {k: os.environ[k] for k in PASS_ENV if k in os.environ})
+            start_local_cluster(os.cpu_count() or 1)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     ds = ray.data.from_items([{"shard": s} for s in plan])

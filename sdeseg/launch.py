@@ -199,9 +199,7 @@ def ensure_ray(cfg: Config):
             ray.init(address=address, log_to_driver=True)
         else:
             need = rt.num_workers * rt.cpus_per_worker
-            # workers inherit the settings that change behaviour (ops backend, test hooks)
-            env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-            start_local_cluster(max(int(need + 0.999), os.cpu_count() or 1), env, log_to_driver=True)
+            start_local_cluster(max(int(need + 0.999), os.cpu_count() or 1), log_to_driver=True)
     bundle = {"CPU": rt.cpus_per_worker} | ({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})
     verdict = assess(bundle, rt.num_workers, read_cluster_view(autoscaler_possible=False))
     if verdict.status != "fits" and not started_here:  # no room now: can the cluster grow?

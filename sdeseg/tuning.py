@@ -171,11 +171,7 @@ def ensure_tune_cluster(spec: SearchSpec) -> None:
                               f"drivers: start a node with --resources='{{\"{DRIVER_RESOURCE}\": 8}}' (the RayCluster "
                               "of cluster/ does this on its head)")
         return
-    from sdeseg.launch import PASS_ENV
-
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    start_local_cluster(os.cpu_count() or 1, env, resources={DRIVER_RESOURCE: spec.max_concurrent},
-                        log_to_driver=True)
+    start_local_cluster(os.cpu_count() or 1, resources={DRIVER_RESOURCE: spec.max_concurrent}, log_to_driver=True)
 
 
 def experiment_root(spec: SearchSpec, out: Path) -> str:

@@ -270,10 +270,11 @@ def loopback_only() -> Iterator[None]:
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 
 
-def start_local_cluster(num_cpus: int, env_vars: dict[str, str] | None = None, **init_kwargs: Any) -> str:
+def start_local_cluster(num_cpus: int, **init_kwargs: Any) -> str:
     """Start a Ray cluster on this machine for this process (``ray.init``): loopback only, its GCS
     on a port chosen here, and ``RAY_ADDRESS`` naming that GCS in every worker's environment
-    (with ``env_vars``). Returns the GCS address.
+    (beside the settings of ``sdeseg.launch.PASS_ENV`` that this process has). Returns the GCS
+    address.
 
     Why the address: code inside the cluster that looks its cluster up through Ray's state API
     (Ray Train's placement-group cleaner does, every few seconds) takes ``RAY_ADDRESS``, else
@@ -282,6 +283,10 @@ def start_local_cluster(num_cpus: int, env_vars: dict[str, str] | None = None, *
     cleaner's monitor dies. ``RAY_GCS_SERVER_PORT``, when set, is used as the port."""
     import ray
 
+    from sdeseg.launch import PASS_ENV
+
+    # workers inherit the settings that change behaviour (ops backend, test hooks)
+    env_vars = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     port = int(os.environ.get(GCS_PORT_ENV) or 0) or _free_loopback_port()
     address = f"127.0.0.1:{port}"
     saved = os.environ.get(GCS_PORT_ENV)
@@ -289,7 +294,7 @@ def start_local_cluster(num_cpus: int, env_vars: dict[str, str] | None = None, *
     try:
         with loopback_only():
             ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": (env_vars or {}) | {"RAY_ADDRESS": address}}, **init_kwargs)
+                     runtime_env={"env_vars": env_vars | {"RAY_ADDRESS": address}}, **init_kwargs)
     finally:
         if saved is None:
             os.environ.pop(GCS_PORT_ENV, None)
