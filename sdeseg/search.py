@@ -21,6 +21,9 @@ A search file::
     resources: {num_workers: 2, cpus_per_worker: 0.5, gpus_per_worker: 0}
     max_concurrent: 2
     plot: {x: data.num_labeled, series: row}  # optional: the metric over x, one line per series
+    compare: {seeds: train.seed, baseline: {row: supervised}}  # optional: rows over seeds, paired
+                                     # against the baseline row with the same other values (default:
+                                     # over train.seed when it is a grid of 2 or more, no baseline)
 
 Every value of every space and group is applied to the base config once here, so an unknown
 key or an impossible value is refused before Ray starts, naming the key. Nothing here imports ray.
@@ -42,7 +45,7 @@ from sdeseg.config import Config, ConfigError, load_config, parse_override, reso
 SEARCH_DIR = Path(__file__).resolve().parent.parent / "tune" / "searches"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "overrides", "space", "groups", "metric", "mode", "scheduler", "search", "resources",
-            "max_concurrent", "plot", "name")
+            "max_concurrent", "plot", "compare", "name")
 STAGE_METRICS = {"sde": ("depth/",), "semiseg": ("seg/", "teacher/"), "ssda": ("seg/", "teacher/"),
                  "select": ("select/",)}
 
@@ -74,6 +77,17 @@ class Resources:
 
 
 @dataclass
+class Compare:
+    """How the summary aggregates seeds: ``seeds`` is the grid key whose values are replicates
+    (each other combination of values is one row, reported as a mean over them with its
+    interval); ``baseline`` names, for some searched keys or groups, the value of the row each
+    row is compared with seed by seed (the others keep the row's own values)."""
+
+    seeds: str = "train.seed"
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SearchSpec:
     path: str
     name: str
@@ -89,6 +103,7 @@ class SearchSpec:
     resources: Resources
     max_concurrent: int
     plot: dict[str, str] = field(default_factory=dict)
+    compare: Compare | None = None
 
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
         """The overrides of one trial: fixed ones, the resources, then its sampled values and groups."""
@@ -263,11 +278,41 @@ def _parse(p: Path, data: Any, extra: list[str]) -> SearchSpec:
     searched = {d.key for d in space} | set(groups)
     for k, v in plot.items():
         _need(v in searched, f"plot.{k}", f"{v!r} is not a searched key or group ({', '.join(sorted(searched))})")
+    compare = _compare(data.get("compare"), space, groups)
     spec = SearchSpec(path=str(p), name=str(data.get("name") or p.stem), base=base, overrides=fixed, space=space,
                       groups=groups, metric=metric, mode=mode, scheduler=scheduler, search=search,
-                      num_samples=num_samples, resources=resources, max_concurrent=max_concurrent, plot=plot)
+                      num_samples=num_samples, resources=resources, max_concurrent=max_concurrent, plot=plot,
+                      compare=compare)
     spec.trial_config(example_params(spec))  # one whole trial config, with the resources
     return spec
+
+
+def _compare(data: Any, space: list[Dimension], groups: dict[str, dict[str, list[str]]]) -> Compare | None:
+    """The ``compare`` block checked against the space; without one, seeds are aggregated when
+    ``train.seed`` is a grid of two or more values."""
+    grids = {d.key: d.values for d in space if d.kind == "grid"}
+    if data is None:
+        return Compare() if len(grids.get("train.seed", [])) >= 2 else None
+    _need(isinstance(data, dict), "compare",
+          f"expected a mapping {{seeds: KEY, baseline: {{KEY: VALUE}}}}, got {data!r}")
+    unknown = sorted(set(data) - {"seeds", "baseline"})
+    _need(not unknown, f"compare.{unknown[0]}" if unknown else "", "unknown key (known: seeds, baseline)")
+    seeds = str(data.get("seeds", "train.seed"))
+    _need(seeds in grids, "compare.seeds", f"{seeds!r} is not a grid key of the space (seeds are replicates: every "
+                                           f"value runs with every other combination)")
+    baseline = data.get("baseline") or {}
+    _need(isinstance(baseline, dict), "compare.baseline", f"expected a mapping KEY: VALUE, got {baseline!r}")
+    for key, value in baseline.items():
+        where = f"compare.baseline.{key}"
+        _need(key != seeds, where, "the seeds key pairs the rows; it cannot be a baseline value")
+        if key in groups:
+            _need(str(value) in groups[key], where, f"{value!r} is not one of the group's options "
+                                                    f"({', '.join(groups[key])})")
+        else:
+            _need(key in grids, where, "not a grid key or group of the search (a baseline row must exist in "
+                                       "every seed)")
+            _need(value in grids[key], where, f"{value!r} is not one of its grid values {grids[key]}")
+    return Compare(seeds=seeds, baseline={str(k): (str(v) if k in groups else v) for k, v in baseline.items()})
 
 
 def example_params(spec: SearchSpec) -> dict[str, Any]:

@@ -18,7 +18,9 @@ validation, final and best metric, the test split's score of a completed trial's
 steps done, status, wall time), ``<out>/best.json`` (chosen on validation) and
 ``<out>/summary.md`` with ``<out>/curves.png`` (the metric over steps per trial) and, when the
 search file has ``plot``, ``<out>/plot.png`` (the final model's metric over ``plot.x`` per ``plot.series``:
-test solid, last validation dashed).
+test solid, last validation dashed). When the search has seeds (``compare``, :class:`sdeseg.search.Compare`),
+``<out>/over_seeds.parquet`` and a section of ``summary.md`` give each row's mean over seeds with
+its 95% interval and, against a baseline row, the seed-paired difference (:mod:`sdeseg.stats`).
 """
 
 from __future__ import annotations
@@ -301,14 +303,8 @@ def metric_history(run_dir: Path, metric: str, dataframe=None) -> tuple[list[int
 
 def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """results.parquet, best.json, summary.md and the plots; returns the best row."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist([{k: (json.dumps(v) if k.startswith("param/") else v) for k, v in r.items()}
-                                  for r in rows])
-    tmp = out / "results.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(out / "results.parquet")
+    _write_parquet([{k: (json.dumps(v) if k.startswith("param/") else v) for k, v in r.items()} for r in rows],
+                   out / "results.parquet")
     scored = [r for r in rows if r["final"] is not None]
     sign = 1 if spec.mode == "max" else -1
     best = max(scored, key=lambda r: sign * r["final"]) if scored else {}
@@ -328,9 +324,99 @@ def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> di
         test = f"{r['test']:.4f}" if r.get("test") is not None else "–"
         lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {test} | {r['steps_done']} | "
                      f"{r['status']}{' (reused)' if r.get('reused_from') else ''} | {r['wall_s']:.0f} |")
+    if spec.compare is not None:
+        table = over_seeds(spec, rows)
+        _write_parquet([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in e.items()}
+                        for e in table], out / "over_seeds.parquet")
+        lines += ["", *over_seeds_lines(spec, table)]
     lines += ["", "![metric over steps](curves.png)"] + (["", "![final metric](plot.png)"] if spec.plot else [])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return best
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    """``rows`` (flat, one type per column) as a parquet file, written whole or not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(path)
+
+
+def over_seeds(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per combination of the searched values other than ``spec.compare.seeds``, over the
+    completed trials: ``params``, ``seeds``, the final model's ``test`` and the last validation
+    (``val``) as :class:`sdeseg.stats.Interval` fields (``test_mean``, ``test_low``, ...), and,
+    with a baseline, the seed-paired ``test − baseline`` (``diff_*``, ``diff_per_seed``; None for
+    the baseline itself or where it shares no completed seed). Trials stopped early or cut are
+    left out: their final metric is not at the same step."""
+    from sdeseg.stats import mean_interval, paired_difference
+
+    seeds_key, baseline = spec.compare.seeds, spec.compare.baseline
+    by_row: dict[tuple, dict[str, dict[Any, float]]] = {}
+    for r in rows:
+        if r["status"] != "completed":
+            continue
+        params = {k[len("param/"):]: v for k, v in r.items() if k.startswith("param/") and k != f"param/{seeds_key}"}
+        entry = by_row.setdefault(tuple(params.items()), {"test": {}, "val": {}})
+        seed = r.get(f"param/{seeds_key}")
+        for split, value in (("test", r.get("test")), ("val", r["final"])):
+            if value is not None:
+                entry[split][seed] = float(value)
+    table = []
+    for key, entry in by_row.items():
+        params = dict(key)
+        out: dict[str, Any] = {"params": params, "seeds": sorted(entry["test"] or entry["val"], key=str)}
+        for split in ("test", "val"):
+            iv = mean_interval(list(entry[split].values())) if entry[split] else None
+            for f in ("n", "mean", "sd", "low", "high"):
+                out[f"{split}_{f}"] = getattr(iv, f) if iv else None
+        base = tuple({**params, **baseline}.items()) if baseline else None
+        out |= {"diff_n": None, "diff_mean": None, "diff_sd": None, "diff_low": None, "diff_high": None,
+                "diff_per_seed": None}
+        if base is not None and base != key and base in by_row and entry["test"]:
+            common = set(entry["test"]) & set(by_row[base]["test"])
+            if common:
+                iv, per = paired_difference(entry["test"], by_row[base]["test"])
+                out |= {f"diff_{f}": getattr(iv, f) for f in ("n", "mean", "sd", "low", "high")}
+                out["diff_per_seed"] = {str(k): v for k, v in per.items()}
+        table.append(out)
+    return table
+
+
+def over_seeds_lines(spec: SearchSpec, table: list[dict[str, Any]]) -> list[str]:
+    """The summary's section of :func:`over_seeds`, best test mean first."""
+    from sdeseg.stats import Interval
+
+    c = spec.compare
+    names = list(table[0]["params"]) if table else []
+    base = ", ".join(f"{k} = {v}" for k, v in c.baseline.items())
+
+    def interval(e: dict, p: str) -> str:
+        if e[f"{p}_mean"] is None:
+            return "–"
+        iv = Interval(e[f"{p}_n"], e[f"{p}_mean"], e[f"{p}_sd"], e[f"{p}_low"], e[f"{p}_high"])
+        return iv.format(4, signed=p == "diff")
+
+    lines = [f"## Over seeds (`{c.seeds}`)", "",
+             "Completed trials only. Mean over seeds with its 95% Student-t interval; `test` is the final model "
+             "on the held-out split (claims), `val` its last validation (development)"
+             + (f"; `test − baseline` is paired seed by seed with the baseline row ({base}, the other values the "
+                "row's own); an interval that excludes 0 says these seeds resolve the difference." if c.baseline
+               else "."), ""]
+    head = [*names, "seeds", "test [95%]", "val [95%]"] + (["test − baseline [95%]", "per seed"] if c.baseline else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    sign = 1 if spec.mode == "max" else -1
+    for e in sorted(table, key=lambda e: -sign * (e["test_mean"] if e["test_mean"] is not None else -sign * 1e30)):
+        cells = [str(e["params"][k]) for k in names] + [str(len(e["seeds"])), interval(e, "test"), interval(e, "val")]
+        if c.baseline:
+            per = e["diff_per_seed"]
+            cells += [interval(e, "diff") if per else "(baseline)" if all(
+                e["params"].get(k) == v for k, v in c.baseline.items()) else "–",
+                ", ".join(f"{v:+.4f}" for v in per.values()) if per else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> None:

@@ -54,6 +54,52 @@ def test_shipped_searches_load_and_count_their_trials():
         assert load_search(name).resources.gpus_per_worker == 1
 
 
+def test_searches_with_seeds_compare_over_them():
+    """Seeds are aggregated where a search has them: by its compare block (the studies name their
+    baseline row) or, without one, whenever train.seed is a grid of two or more values."""
+    assert load_search("component_study").compare.baseline == {"row": "supervised only"}
+    assert load_search("label_budgets").compare.baseline == {"selection": "random"}
+    assert load_search("label_curve").compare.seeds == "train.seed"
+    assert load_search("demo_loss_weights").compare is None  # no seed dimension
+
+
+def test_the_summary_gives_each_row_over_seeds_and_paired_against_the_baseline(tmp_path):
+    """write_results of a component-study-like grid: per row the mean over its completed seeds with
+    the Student-t interval, and the seed-paired difference to the baseline row (a trial stopped
+    early is left out, and the pairing uses only the seeds both rows completed)."""
+    from sdeseg.tuning import over_seeds, write_results
+
+    spec = load_search("component_study")
+
+    def row(i, name, seed, test, val, status="completed"):
+        return {"trial_id": f"t{i}", "param/train.seed": seed, "param/row": name, "steps": [3200], "values": [val],
+                "final": val, "best": val, "test": test, "steps_done": 3200, "status": status, "wall_s": 1.0,
+                "run_dir": str(tmp_path / f"t{i}"), "error": None}
+
+    sup, mix = "supervised only", "+ DepthMix"
+    rows = [row(0, sup, 0, 0.30, 0.31), row(1, sup, 1, 0.32, 0.33), row(2, sup, 2, 0.31, 0.30),
+            row(3, mix, 0, 0.33, 0.34), row(4, mix, 1, 0.36, 0.35), row(5, mix, 2, 0.99, 0.99, status="stopped early"),
+            row(6, "+ ClassMix", 0, 0.40, 0.40)]
+    write_results(spec, rows, tmp_path)
+    table = {e["params"]["row"]: e for e in over_seeds(spec, rows)}
+    assert table[sup]["seeds"] == [0, 1, 2] and table[sup]["test_mean"] == pytest.approx(0.31)
+    # three seeds 0.30, 0.32, 0.31: sd 0.01, half-width t(0.975, 2) = 4.302653 times 0.01 / sqrt(3)
+    assert table[sup]["test_sd"] == pytest.approx(0.01)
+    assert table[sup]["test_high"] - 0.31 == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-6)
+    assert table[sup]["diff_per_seed"] is None  # the baseline itself
+    d = table[mix]  # seeds 0 and 1 only: +0.03, +0.04; sd 0.00707, half-width t(0.975, 1) = 12.7062 x sd / sqrt 2
+    assert d["seeds"] == [0, 1] and d["diff_per_seed"] == {"0": pytest.approx(0.03), "1": pytest.approx(0.04)}
+    assert d["diff_mean"] == pytest.approx(0.035)
+    assert d["diff_low"] == pytest.approx(0.035 - 12.7062 * 0.005, rel=1e-4) and d["diff_low"] < 0  # unresolved
+    assert table["+ ClassMix"]["diff_n"] == 1 and table["+ ClassMix"]["diff_low"] is None  # one seed: no interval
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Over seeds (`train.seed`)" in summary
+    assert "| + DepthMix | 2 | 0.3450 [" in summary and "| +0.0350 [-0.0285, +0.0985] | +0.0300, +0.0400 |" in summary
+    assert "| supervised only | 3 | 0.3100 [0.2852, 0.3348] |" in summary and "(baseline)" in summary
+    saved = pq.read_table(tmp_path / "over_seeds.parquet").to_pylist()
+    assert sorted(json.loads(e["params"])["row"] for e in saved) == sorted(table)
+
+
 def test_group_overrides_name_the_trials_values(tmp_path):
     spec = load_search("label_budgets")
     points = grid_points(spec)
@@ -78,6 +124,12 @@ def test_group_overrides_name_the_trials_values(tmp_path):
     ({"resources": {"num_workers": 1, "cpus": 2}}, "resources.cpus: unknown key"),
     ({"samples": 3}, "samples: unknown key"),
     ({"groups": {"row": {"bad": ["semiseg.mix=nothing"]}}}, r"groups.row.bad: .*semiseg.mix: must be one of"),
+    ({"compare": {"seeds": "train.seed"}}, "compare.seeds: 'train.seed' is not a grid key of the space"),
+    ({"compare": {"seeds": "optim.lr", "baseline": {"optim.lr": 3e-2}}},
+     "compare.baseline.optim.lr: the seeds key pairs the rows"),
+    ({"compare": {"seeds": "optim.lr", "baseline": {"row": "nope"}}, "groups": {"row": {"a": [], "b": []}}},
+     r"compare.baseline.row: 'nope' is not one of the group's options \(a, b\)"),
+    ({"compare": {"seeds": "optim.lr", "pairs": 2}}, "compare.pairs: unknown key"),
 ])
 def test_a_bad_search_file_is_refused_naming_the_key(tmp_path, synthetic_root, change, message):
     with pytest.raises(ConfigError, match=message):

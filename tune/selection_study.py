@@ -68,6 +68,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, dict]
 
 def write_table(args: argparse.Namespace, results: dict[str, dict[int, dict]]) -> str:
     from sdeseg.selection_report import read_keyfile
+    from sdeseg.stats import paired_difference
 
     out = Path(args.out)
     lines = ["| method | test mIoU (mean) | per seed (test) | val mIoU (mean) | classes present | "
@@ -81,6 +82,16 @@ def write_table(args: argparse.Namespace, results: dict[str, dict[int, dict]]) -
         lines.append(f"| {method} | {means[method]:.2f} | {', '.join(f'{v:.2f}' for v in test)} | "
                      f"{statistics.mean(val):.2f} | {', '.join(str(c['classes_present']) for c in cover)} | "
                      f"{', '.join(format(c['class_share_l1'], '.2f') for c in cover)} |")
+    pairs = [(a, b) for a in results for b in ("random", "entropy") if b in results and a != b
+             and not (a == "random" and b == "entropy")]
+    if pairs:
+        lines += ["", "Paired test mIoU differences over the common seeds (95% Student-t interval; an interval that "
+                  "excludes 0 says these seeds resolve the difference):", ""]
+    for a, b in pairs:
+        iv, per = paired_difference({s: 100 * r["test"]["seg/miou"] for s, r in results[a].items()},
+                                    {s: 100 * r["test"]["seg/miou"] for s, r in results[b].items()})
+        lines.append(f"- {a} − {b}: **{iv.mean:+.2f}** {iv.bounds()} ({iv.resolves()}; per seed "
+                     f"{', '.join(f'{d:+.2f}' for d in per.values())})")
     if "random" in results:
         lines += ["", "Per-class test IoU, mean over seeds, minus `random`'s (classes where any method differs "
                   "by 1 or more):", ""]

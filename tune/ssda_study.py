@@ -140,6 +140,7 @@ def row_title(row: str, runs: list[dict]) -> str:
 
 def write_table(out: Path, seeds: list[int]) -> str:
     from sdeseg.data.classes import class_names
+    from sdeseg.stats import paired_difference
 
     res = {row: {s: read_row(out, row, s) for s in seeds} for row in TABLE_ORDER}
     mean = {row: statistics.mean(r["test/seg/miou"] for r in by.values()) if all(by.values()) else None
@@ -158,8 +159,10 @@ def write_table(out: Path, seeds: list[int]) -> str:
     for a, b in (("full", "srctgt"), ("full", "within"), ("full", "cdrandom"), ("cdrandom", "within"),
                  ("full", "target"), ("fullmt", "full"), ("fullmt", "srctgt"), ("fullmt", "within")):
         if mean[a] is not None and mean[b] is not None:
-            per = ", ".join(f"{res[a][s]['test/seg/miou'] - res[b][s]['test/seg/miou']:+.2f}" for s in seeds)
-            facts.append(f"- {a} − {b}: **{mean[a] - mean[b]:+.2f}** (per seed {per})")
+            iv, per = paired_difference({s: res[a][s]["test/seg/miou"] for s in seeds},
+                                        {s: res[b][s]["test/seg/miou"] for s in seeds})
+            facts.append(f"- {a} − {b}: **{iv.mean:+.2f}** (per seed {', '.join(f'{d:+.2f}' for d in per.values())}; "
+                         f"95% interval over the seeds {iv.bounds()}: {iv.resolves()})")
     if mean["full"] is not None and mean["upper"]:
         facts.append(f"- full / upper: **{100 * mean['full'] / mean['upper']:.1f}%**")
     if mean["sourceonly"] is not None and mean["upper"] is not None:

@@ -1,0 +1,56 @@
+"""Paired 95% intervals of the open issues' comparisons (BENCHMARKS.md, "how sure the open comparisons are").
+
+The per-seed test mIoU figures are typed in from the tables of BENCHMARKS.md named beside each; the run
+directories behind them are on machines that are gone. Run: ``python docs/bench/intervals.py``.
+"""
+
+from scipy.stats import t
+
+from sdeseg.stats import paired_difference
+
+SEEDS = range(6)
+# issue 19: the protocol's rows (seeds 0-2) and the six-seed replication (seeds 3-5), test mIoU
+DEPTH = dict(zip(SEEDS, [30.12, 31.55, 29.86, 29.88, 32.44, 34.32]))
+RANDOM = dict(zip(SEEDS, [28.72, 28.39, 29.02, 28.06, 30.13, 32.03]))
+ENTROPY = dict(zip(SEEDS, [33.16, 29.97, 31.24, 30.08, 34.21, 30.09]))
+DEPTH_LONG = dict(zip(SEEDS, [29.45, 32.02, 29.60, 29.45, 31.54, 31.36]))  # second amendment, [300,600]
+# issue 20 at 3200 steps (fifth and sixth amendments), seeds 0 and 1
+SSDA = {"(1)": [37.61, 37.40], "(2)": [49.63, 47.37], "(3)": [48.46, 47.03], "(4)": [43.92, 44.97],
+        "(5)": [45.58, 43.82]}
+SSDA_800 = {"(2)": [33.30, 31.75], "(3)": [32.48, 31.99], "(5)": [31.45, 32.16]}  # fourth amendment
+
+
+def show(name, a, b, seeds=None):
+    if seeds is not None:
+        a, b = {k: a[k] for k in seeds}, {k: b[k] for k in seeds}
+    iv, _ = paired_difference(a, b)
+    print(f"{name}: {iv.format()} sd {iv.sd:.2f} n {iv.n} -> {iv.resolves()}; against +1.0: {iv.resolves(1.0)}")
+    return iv
+
+
+def main():
+    print("issue 19, the protocol's seeds 0-2")
+    show("depth - random", DEPTH, RANDOM, [0, 1, 2])
+    show("depth - entropy", DEPTH, ENTROPY, [0, 1, 2])
+    print("issue 19, six seeds")
+    show("depth - random", DEPTH, RANDOM)
+    tie = show("depth - entropy", DEPTH, ENTROPY)
+    show("entropy - random", ENTROPY, RANDOM)
+    show("depth [300,600] - entropy", DEPTH_LONG, ENTROPY)
+    show("depth [300,600] - depth", DEPTH_LONG, DEPTH)
+    for half in (1.0, 0.5):
+        n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * tie.sd / n**0.5 < half)
+        print(f"  seeds for a half-width of {half} at this sd: {n}")
+    for title, rows, pairs in (
+        ("issue 20, 3200 steps", SSDA, [("(5)", "(2)"), ("(5)", "(3)"), ("(3)", "(2)"), ("(5)", "(4)"),
+                                        ("(4)", "(3)"), ("(2)", "(1)"), ("(5)", "(1)")]),
+        ("issue 20, 800 steps", SSDA_800, [("(5)", "(2)"), ("(5)", "(3)")]),
+    ):
+        print(title)
+        by_seed = {k: dict(enumerate(v)) for k, v in rows.items()}
+        for a, b in pairs:
+            show(f"{a} - {b}", by_seed[a], by_seed[b])
+
+
+if __name__ == "__main__":
+    main()
