@@ -354,25 +354,29 @@ def over_seeds(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
     from sdeseg.stats import mean_interval, paired_difference
 
     seeds_key, baseline = spec.compare.seeds, spec.compare.baseline
-    by_row: dict[tuple, dict[str, dict[Any, float]]] = {}
+
+    def row_key(params: dict[str, Any]) -> str:  # values may be lists (a grid of budgets)
+        return json.dumps(params, sort_keys=True, default=str)
+
+    by_row: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["status"] != "completed":
             continue
         params = {k[len("param/"):]: v for k, v in r.items() if k.startswith("param/") and k != f"param/{seeds_key}"}
-        entry = by_row.setdefault(tuple(params.items()), {"test": {}, "val": {}})
+        entry = by_row.setdefault(row_key(params), {"params": params, "test": {}, "val": {}})
         seed = r.get(f"param/{seeds_key}")
         for split, value in (("test", r.get("test")), ("val", r["final"])):
             if value is not None:
                 entry[split][seed] = float(value)
     table = []
     for key, entry in by_row.items():
-        params = dict(key)
+        params = entry["params"]
         out: dict[str, Any] = {"params": params, "seeds": sorted(entry["test"] or entry["val"], key=str)}
         for split in ("test", "val"):
             iv = mean_interval(list(entry[split].values())) if entry[split] else None
             for f in ("n", "mean", "sd", "low", "high"):
                 out[f"{split}_{f}"] = getattr(iv, f) if iv else None
-        base = tuple({**params, **baseline}.items()) if baseline else None
+        base = row_key({**params, **baseline}) if baseline else None
         out |= {"diff_n": None, "diff_mean": None, "diff_sd": None, "diff_low": None, "diff_high": None,
                 "diff_per_seed": None}
         if base is not None and base != key and base in by_row and entry["test"]:

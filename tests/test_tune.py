@@ -100,6 +100,23 @@ def test_the_summary_gives_each_row_over_seeds_and_paired_against_the_baseline(t
     assert sorted(json.loads(e["params"])["row"] for e in saved) == sorted(table)
 
 
+def test_rows_over_seeds_take_list_values():
+    """A grid of lists (e.g. the selection student's steps per round) groups and pairs like any value."""
+    import dataclasses
+
+    from sdeseg.search import Compare
+    from sdeseg.tuning import over_seeds
+
+    spec = dataclasses.replace(load_search("component_study"),
+                               compare=Compare(baseline={"select.student_steps": [100, 200]}))
+    rows = [{"param/train.seed": seed, "param/select.student_steps": steps, "final": v, "test": v,
+             "status": "completed"} for seed, steps, v in ((0, [100, 200], 0.30), (1, [100, 200], 0.32),
+                                                          (0, [300, 600], 0.31), (1, [300, 600], 0.35))]
+    table = {str(e["params"]["select.student_steps"]): e for e in over_seeds(spec, rows)}
+    assert table["[300, 600]"]["diff_per_seed"] == {"0": pytest.approx(0.01), "1": pytest.approx(0.03)}
+    assert table["[100, 200]"]["diff_per_seed"] is None and table["[100, 200]"]["test_mean"] == pytest.approx(0.31)
+
+
 def test_group_overrides_name_the_trials_values(tmp_path):
     spec = load_search("label_budgets")
     points = grid_points(spec)
