@@ -308,8 +308,10 @@ def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> di
     scored = [r for r in rows if r["final"] is not None]
     sign = 1 if spec.mode == "max" else -1
     best = max(scored, key=lambda r: sign * r["final"]) if scored else {}
-    (out / "best.json").write_text(json.dumps({"metric": spec.metric, "mode": spec.mode, **best}, indent=1,
-                                              default=str))
+    table = over_seeds(spec, rows) if spec.compare is not None else None
+    chosen = {"over_seeds": best_over_seeds(spec, table)} if table else {}
+    (out / "best.json").write_text(json.dumps({"metric": spec.metric, "mode": spec.mode, **best, **chosen},
+                                              indent=1, default=str))
     _plots(spec, rows, out)
     lines = [f"# Search `{spec.name}` ({spec.path})", "",
              f"{len(rows)} trials; metric `{spec.metric}` ({spec.mode}); scheduler {spec.scheduler.name}; "
@@ -324,11 +326,16 @@ def write_results(spec: SearchSpec, rows: list[dict[str, Any]], out: Path) -> di
         test = f"{r['test']:.4f}" if r.get("test") is not None else "–"
         lines.append(f"| {r['trial_id']} | {params} | {final} | {best_v} | {test} | {r['steps_done']} | "
                      f"{r['status']}{' (reused)' if r.get('reused_from') else ''} | {r['wall_s']:.0f} |")
-    if spec.compare is not None:
-        table = over_seeds(spec, rows)
+    if table is not None:
         _write_parquet([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in e.items()}
                         for e in table], out / "over_seeds.parquet")
         lines += ["", *over_seeds_lines(spec, table)]
+        if chosen["over_seeds"]:
+            b = chosen["over_seeds"]
+            test = "–" if b["test_mean"] is None else f"{b['test_mean']:.4f}"
+            lines += ["", f"Best row on validation, mean over its {b['val_n']} seeds (`best.json` `over_seeds`): "
+                      + ", ".join(f"{k} = {v}" for k, v in b["params"].items())
+                      + f" (val {b['val_mean']:.4f}, test {test})."]
     lines += ["", "![metric over steps](curves.png)"] + (["", "![final metric](plot.png)"] if spec.plot else [])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return best
@@ -387,6 +394,18 @@ def over_seeds(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
                 out["diff_per_seed"] = {str(k): v for k, v in per.items()}
         table.append(out)
     return table
+
+
+def best_over_seeds(spec: SearchSpec, table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of :func:`over_seeds` with the best mean validation among the rows completed in the
+    most seeds (a row with fewer seeds is not compared on a different average); None when none has
+    a validation. Chosen on ``val``, never on ``test``."""
+    scored = [e for e in table if e["val_mean"] is not None]
+    if not scored:
+        return None
+    most = max(e["val_n"] for e in scored)
+    sign = 1 if spec.mode == "max" else -1
+    return max((e for e in scored if e["val_n"] == most), key=lambda e: sign * e["val_mean"])
 
 
 def over_seeds_lines(spec: SearchSpec, table: list[dict[str, Any]]) -> list[str]:

@@ -96,6 +96,10 @@ def test_the_summary_gives_each_row_over_seeds_and_paired_against_the_baseline(t
     assert "## Over seeds (`train.seed`)" in summary
     assert "| + DepthMix | 2 | 0.3450 [" in summary and "| +0.0350 [-0.0285, +0.0985] | +0.0300, +0.0400 |" in summary
     assert "| supervised only | 3 | 0.3100 [0.2852, 0.3348] |" in summary and "(baseline)" in summary
+    # the best row is chosen on val among the rows with the most seeds: ClassMix (one seed, val 0.40) is not
+    chosen = json.loads((tmp_path / "best.json").read_text())["over_seeds"]
+    assert chosen["params"] == {"row": sup} and chosen["val_n"] == 3 and chosen["val_mean"] == pytest.approx(0.94 / 3)
+    assert "Best row on validation, mean over its 3 seeds (`best.json` `over_seeds`): row = supervised only" in summary
     saved = pq.read_table(tmp_path / "over_seeds.parquet").to_pylist()
     assert sorted(json.loads(e["params"])["row"] for e in saved) == sorted(table)
 
