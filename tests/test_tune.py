@@ -180,9 +180,11 @@ def _env(**extra) -> dict:
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, synthetic_root):
     """16-step trials, validated every 2 steps, ASHA milestones at 2, 4, 8: a trial that trails
-    is stopped there, its run never ends (no summary.json), while the others train to the end."""
+    is stopped there, its run never ends (no summary.json), while the others train to the end.
+    Two learning rates x two seeds: the summary gives each rate over its completed seeds."""
     base = yaml.safe_load(_search(tmp_path, synthetic_root).read_text())["overrides"]
     search = _search(tmp_path, synthetic_root, overrides=base + ["train.steps=16", "train.ckpt_every=8"],
+                     space={"optim.lr": {"grid": [3e-2, 1e-12]}, "train.seed": {"grid": [0, 1]}},
                      scheduler={"name": "asha", "grace_period": 2, "max_t": 16, "reduction_factor": 2})
     out = tmp_path / "out"
     done = subprocess.run(_tune_cmd(search, out), env=_env(), capture_output=True, text=True, timeout=900)
@@ -201,6 +203,13 @@ def test_asha_stops_a_weak_trial_and_every_trial_is_in_the_results(tmp_path, syn
     for r in completed:  # the final model's held-out score, next to the last validation
         assert r["test"] == json.loads((Path(r["run_dir"]) / "summary.json").read_text())["test/seg/miou"]
     assert all(r["test"] is None for r in stopped)
+    over = {e["params"]: e for e in pq.read_table(out / "over_seeds.parquet").to_pylist()}
+    for lr in {json.loads(r["param/optim.lr"]) for r in completed}:
+        done_lr = [r for r in completed if json.loads(r["param/optim.lr"]) == lr]
+        e = over[json.dumps({"optim.lr": lr})]
+        assert json.loads(e["seeds"]) == sorted(json.loads(r["param/train.seed"]) for r in done_lr)
+        assert e["test_mean"] == pytest.approx(sum(r["test"] for r in done_lr) / len(done_lr))
+    assert "## Over seeds (`train.seed`)" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow
