@@ -18,6 +18,11 @@ DEPTH_LONG = dict(zip(SEEDS, [29.45, 32.02, 29.60, 29.45, 31.54, 31.36]))  # sec
 SSDA = {"(1)": [37.61, 37.40], "(2)": [49.63, 47.37], "(3)": [48.46, 47.03], "(4)": [43.92, 44.97],
         "(5)": [45.58, 43.82]}
 SSDA_800 = {"(2)": [33.30, 31.75], "(3)": [32.48, 31.99], "(5)": [31.45, 32.16]}  # fourth amendment
+# the component study through `sdeseg tune component_study` (issue 21), 3200 steps, seeds 0 and 1
+COMPONENTS = {"supervised": [37.79, 37.20], "ClassMix": [39.33, 41.05], "DepthMix": [37.10, 39.02],
+              "multi-task": [36.76, 37.62], "full": [37.49, 42.23]}
+# rebalanced DepthMix against supervised at 4800 steps ("4800 steps: rebalanced DepthMix +4.6"), one decimal
+REBALANCED_4800 = {"supervised": [38.2, 37.4], "DepthMix rebalanced": [42.4, 42.4]}
 
 
 def show(name, a, b, seeds=None):
@@ -45,6 +50,9 @@ def main():
         ("issue 20, 3200 steps", SSDA, [("(5)", "(2)"), ("(5)", "(3)"), ("(3)", "(2)"), ("(5)", "(4)"),
                                         ("(4)", "(3)"), ("(2)", "(1)"), ("(5)", "(1)")]),
         ("issue 20, 800 steps", SSDA_800, [("(5)", "(2)"), ("(5)", "(3)")]),
+        ("component study, 3200 steps", COMPONENTS, [(r, "supervised") for r in COMPONENTS if r != "supervised"]
+         + [("full", "DepthMix")]),
+        ("rebalanced DepthMix, 4800 steps", REBALANCED_4800, [("DepthMix rebalanced", "supervised")]),
     ):
         print(title)
         by_seed = {k: dict(enumerate(v)) for k, v in rows.items()}
