@@ -380,20 +380,23 @@ def over_seeds(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
         params = entry["params"]
         out: dict[str, Any] = {"params": params, "seeds": sorted(entry["test"] or entry["val"], key=str)}
         for split in ("test", "val"):
-            iv = mean_interval(list(entry[split].values())) if entry[split] else None
-            for f in ("n", "mean", "sd", "low", "high"):
-                out[f"{split}_{f}"] = getattr(iv, f) if iv else None
+            out |= _flat(split, mean_interval(list(entry[split].values())) if entry[split] else None)
         base = row_key({**params, **baseline}) if baseline else None
-        out |= {"diff_n": None, "diff_mean": None, "diff_sd": None, "diff_low": None, "diff_high": None,
-                "diff_per_seed": None}
-        if base is not None and base != key and base in by_row and entry["test"]:
-            common = set(entry["test"]) & set(by_row[base]["test"])
-            if common:
-                iv, per = paired_difference(entry["test"], by_row[base]["test"])
-                out |= {f"diff_{f}": getattr(iv, f) for f in ("n", "mean", "sd", "low", "high")}
-                out["diff_per_seed"] = {str(k): v for k, v in per.items()}
+        diff, per = None, None
+        if base is not None and base != key and base in by_row and set(entry["test"]) & set(by_row[base]["test"]):
+            diff, per = paired_difference(entry["test"], by_row[base]["test"])
+        out |= _flat("diff", diff) | {"diff_per_seed": {str(k): v for k, v in per.items()} if per else None}
         table.append(out)
     return table
+
+
+INTERVAL_FIELDS = ("n", "mean", "sd", "low", "high")
+
+
+def _flat(prefix: str, iv) -> dict[str, Any]:
+    """An :class:`sdeseg.stats.Interval` (or None) as the columns ``<prefix>_n``, ``_mean``, ...
+    of :func:`over_seeds` (None where there is no interval)."""
+    return {f"{prefix}_{f}": getattr(iv, f) if iv is not None else None for f in INTERVAL_FIELDS}
 
 
 def best_over_seeds(spec: SearchSpec, table: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -419,8 +422,7 @@ def over_seeds_lines(spec: SearchSpec, table: list[dict[str, Any]]) -> list[str]
     def interval(e: dict, p: str) -> str:
         if e[f"{p}_mean"] is None:
             return "–"
-        iv = Interval(e[f"{p}_n"], e[f"{p}_mean"], e[f"{p}_sd"], e[f"{p}_low"], e[f"{p}_high"])
-        return iv.format(4, signed=p == "diff")
+        return Interval(**{f: e[f"{p}_{f}"] for f in INTERVAL_FIELDS}).format(4, signed=p == "diff")
 
     lines = [f"## Over seeds (`{c.seeds}`)", "",
              "Completed trials only. Mean over seeds with its 95% Student-t interval; `test` is the final model "
