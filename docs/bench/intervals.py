@@ -14,6 +14,10 @@ DEPTH = dict(zip(SEEDS, [30.12, 31.55, 29.86, 29.88, 32.44, 34.32]))
 RANDOM = dict(zip(SEEDS, [28.72, 28.39, 29.02, 28.06, 30.13, 32.03]))
 ENTROPY = dict(zip(SEEDS, [33.16, 29.97, 31.24, 30.08, 34.21, 30.09]))
 DEPTH_LONG = dict(zip(SEEDS, [29.45, 32.02, 29.60, 29.45, 31.54, 31.36]))  # second amendment, [300,600]
+# fourth amendment (seeds 6-11, an Intel VM with its own re-made teacher), the protocol's commands
+NEW_SEEDS = range(6, 12)
+DEPTH_NEW = dict(zip(NEW_SEEDS, [31.82, 33.47, 32.37, 28.78, 32.34, 33.00]))
+ENTROPY_NEW = dict(zip(NEW_SEEDS, [31.64, 33.29, 29.58, 32.08, 35.43, 35.32]))
 # issue 20 at 3200 steps (fifth and sixth amendments), seeds 0 and 1
 SSDA = {"(1)": [37.61, 37.40], "(2)": [49.63, 47.37], "(3)": [48.46, 47.03], "(4)": [43.92, 44.97],
         "(5)": [45.58, 43.82]}
@@ -44,6 +48,12 @@ def main():
     show("entropy - random", ENTROPY, RANDOM)
     show("depth [300,600] - entropy", DEPTH_LONG, ENTROPY)
     show("depth [300,600] - depth", DEPTH_LONG, DEPTH)
+    print("issue 19, fourth amendment: seeds 6-11 alone, then pooled with 0-5 (12 seeds)")
+    show("depth - entropy", DEPTH_NEW, ENTROPY_NEW)
+    pooled = show("depth - entropy", DEPTH | DEPTH_NEW, ENTROPY | ENTROPY_NEW)
+    for half in (1.0, 0.5):
+        n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * pooled.sd / n**0.5 < half)
+        print(f"  seeds for a half-width of {half} at the pooled sd: {n}")
     for half in (1.0, 0.5):
         n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * tie.sd / n**0.5 < half)
         print(f"  seeds for a half-width of {half} at this sd: {n}")
