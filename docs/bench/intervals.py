@@ -39,6 +39,13 @@ def show(name, a, b, seeds=None):
     return iv
 
 
+def seeds_needed(iv, what):
+    """How many seeds a 95% interval of half-width 1.0 and 0.5 needs at ``iv``'s per-seed sd."""
+    for half in (1.0, 0.5):
+        n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * iv.sd / n**0.5 < half)
+        print(f"  seeds for a half-width of {half} at {what}: {n}")
+
+
 def main():
     print("issue 19, the protocol's seeds 0-2")
     show("depth - random", DEPTH, RANDOM, [0, 1, 2])
@@ -56,12 +63,8 @@ def main():
     show("entropy - random (6, 7, 9, 10)", ENTROPY_NEW, RANDOM_NEW)
     show("depth - random, pooled (10 seeds)", DEPTH | DEPTH_NEW, RANDOM | RANDOM_NEW)
     show("entropy - random, pooled (10 seeds)", ENTROPY | ENTROPY_NEW, RANDOM | RANDOM_NEW)
-    for half in (1.0, 0.5):
-        n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * pooled.sd / n**0.5 < half)
-        print(f"  seeds for a half-width of {half} at the pooled sd: {n}")
-    for half in (1.0, 0.5):
-        n = next(n for n in range(2, 10000) if t.ppf(0.975, n - 1) * tie.sd / n**0.5 < half)
-        print(f"  seeds for a half-width of {half} at this sd: {n}")
+    seeds_needed(pooled, "the pooled sd")
+    seeds_needed(tie, "this sd")
     print("issue 20, 3200 steps, three seeds (seed 2: the eleventh amendment)")
     three = {k: dict(enumerate([*SSDA[k], SSDA_SEED2[k]])) for k in SSDA_SEED2}
     show("(5) - (2)", three["(5)"], three["(2)"])
