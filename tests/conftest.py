@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,34 @@ TINY = [
     "model.width=16", "model.pose_width=16", "model.decoder_channels=[8,8,16,16,32]",
     "train.log_every=1", "train.val_every=0", "runtime.in_process=true", "runtime.num_workers=1",
 ]
+
+
+# what the ``early`` markers' functions returned when the session started, by test id
+_EARLY: dict[str, tuple[object, Path]] = {}
+
+
+def pytest_collection_finish(session):
+    """Run each selected test's ``early(start)`` marker function now, with a directory of its own:
+    network-bound work (the image's pip resolve) then overlaps the CPU-bound tests before it."""
+    for item in session.items:
+        marker = item.get_closest_marker("early")
+        if marker is not None:
+            directory = Path(tempfile.mkdtemp(prefix="sdeseg-early-"))
+            _EARLY[item.nodeid] = (marker.args[0](directory), directory)
+
+
+def pytest_sessionfinish(session):
+    for started, directory in _EARLY.values():
+        if hasattr(started, "poll") and started.poll() is None:  # a process its test did not wait for
+            started.kill()
+            started.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def early(request) -> tuple[object, Path]:
+    """What the test's ``early`` marker function returned when the session started, and its directory."""
+    return _EARLY[request.node.nodeid]
 
 
 @pytest.fixture(scope="session")

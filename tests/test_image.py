@@ -198,11 +198,26 @@ def _registry_reachable(url: str) -> bool:
         return False
 
 
-def test_image_requirements_resolve_for_linux_x86_64_python311(tmp_path):
+def _start_image_resolve(directory: Path):
+    """Run by conftest when the session starts (the ``early`` marker): the resolve waits on the
+    package index for about two minutes, time that then overlaps the CPU-bound tests before it."""
+    if _this_platform() != lock.IMAGE_PLATFORM:
+        return None
+    extras = arg_defaults(instructions(DOCKERFILE.read_text()))["SDESEG_EXTRAS"].split(",")
+    return lock.start_resolve(lock.image_requirements(extras), ROOT / LOCK_PATH, directory / "report.json",
+                              directory / "pip.log")
+
+
+def _this_platform() -> tuple[str, str, str]:
+    return platform.system(), platform.machine(), f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@pytest.mark.early.with_args(_start_image_resolve)  # (a lone function would be taken as the marked one)
+def test_image_requirements_resolve_for_linux_x86_64_python311(early):
     """pip resolves what the Dockerfile installs (pyproject's dependencies + SDESEG_EXTRAS under
     the lock) from the normal index: the CUDA build of torch 2.13.0, ray at the manifests'
     rayVersion, and nothing outside the lock. Metadata only: a few MB, not torch's GBs."""
-    here = (platform.system(), platform.machine(), f"{sys.version_info[0]}.{sys.version_info[1]}")
+    here = _this_platform()
     if here != lock.IMAGE_PLATFORM:
         pytest.skip(f"resolves for this interpreter's platform {here}, the image's is {lock.IMAGE_PLATFORM}")
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
@@ -212,10 +227,10 @@ def test_image_requirements_resolve_for_linux_x86_64_python311(tmp_path):
             pytest.fail(message)
         pytest.skip(message)
 
-    extras = arg_defaults(instructions(DOCKERFILE.read_text()))["SDESEG_EXTRAS"].split(",")
-    report, log = tmp_path / "report.json", tmp_path / "pip.log"
-    proc = lock.resolve(lock.image_requirements(extras), ROOT / LOCK_PATH, report, log, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    started, directory = early  # pip started when the session did
+    report, log = directory / "report.json", directory / "pip.log"
+    proc = lock.finish_resolve(started, report, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-8000:]
 
     env = json.loads(report.read_text())["environment"]
     assert (env["sys_platform"], env["platform_machine"], env["python_version"]) == ("linux", "x86_64", "3.11")

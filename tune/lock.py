@@ -94,20 +94,37 @@ def pip_env() -> dict[str, str]:
     return env
 
 
-def resolve(requirements: list[str], constraints: Path, report: Path, log: Path,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """pip's resolver in dry-run mode: what ``pip install -c constraints requirements`` would
-    install into an empty environment of this interpreter. Writes pip's JSON ``report`` and its
-    debug ``log``; returns the finished process (check ``returncode``)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(requirements) + "\n")
+def start_resolve(requirements: list[str], constraints: Path, report: Path, log: Path) -> subprocess.Popen:
+    """Start pip's resolver in dry-run mode and return at once: what ``pip install -c constraints
+    requirements`` would install into an empty environment of this interpreter. pip writes its
+    JSON ``report`` and its debug ``log``; the requirement file and pip's console output
+    (``<report stem>-pip.out``) go beside ``report``. ``resolve`` waits for it."""
+    requirement_file = report.with_name(f"{report.stem}-requirements.txt")
+    requirement_file.write_text("\n".join(requirements) + "\n")
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
            "--use-feature=fast-deps", "--report", str(report), "--log", str(log),
-           "-c", str(constraints), "-r", f.name]
+           "-c", str(constraints), "-r", str(requirement_file)]
+    with open(report.with_name(f"{report.stem}-pip.out"), "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=pip_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish_resolve(proc: subprocess.Popen, report: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a ``start_resolve`` process (killed after ``timeout`` seconds: ``TimeoutExpired``);
+    the finished process with pip's console output as ``stdout`` (check ``returncode``)."""
     try:
-        return subprocess.run(cmd, env=pip_env(), capture_output=True, text=True, timeout=timeout)
-    finally:
-        os.unlink(f.name)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    output = report.with_name(f"{report.stem}-pip.out").read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+
+
+def resolve(requirements: list[str], constraints: Path, report: Path, log: Path,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``start_resolve`` and wait for it (``finish_resolve``)."""
+    return finish_resolve(start_resolve(requirements, constraints, report, log), report, timeout)
 
 
 def report_pins(report: Path) -> dict[str, str]:
@@ -141,7 +158,7 @@ def regenerate(lock: Path = LOCK, extras: list[str] | None = None) -> int:
         report = Path(tmp) / "report.json"
         proc = resolve(image_requirements(extras or ["s3", "gcs"]), constraints, report, Path(tmp) / "pip.log")
         if proc.returncode != 0:
-            print(proc.stdout + proc.stderr, file=sys.stderr)
+            print(proc.stdout, file=sys.stderr)
             print("tune.lock: the image's requirements do not resolve under the versions installed here; "
                   "install versions that do (see pip's explanation above)", file=sys.stderr)
             return 1
