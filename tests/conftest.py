@@ -23,6 +23,11 @@ TINY = [
 _EARLY: dict[str, tuple[object, Path]] = {}
 
 
+def pytest_collection_modifyitems(items):
+    """Tests with an ``early`` marker run last, so that their early work overlaps the most tests."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is not None)  # stable: the rest keep their order
+
+
 def pytest_collection_finish(session):
     """Run each selected test's ``early(start)`` marker function now, with a directory of its own:
     network-bound work (the image's pip resolve) then overlaps the CPU-bound tests before it."""
