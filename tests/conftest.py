@@ -35,7 +35,11 @@ def pytest_collection_finish(session):
         marker = item.get_closest_marker("early")
         if marker is not None:
             directory = Path(tempfile.mkdtemp(prefix="sdeseg-early-"))
-            _EARLY[item.nodeid] = (marker.args[0](directory), directory)
+            try:
+                started = marker.args[0](directory)
+            except Exception as e:  # that test fails with it (the ``early`` fixture raises it), not the session
+                started = e
+            _EARLY[item.nodeid] = (started, directory)
 
 
 def pytest_sessionfinish(session):
@@ -49,7 +53,10 @@ def pytest_sessionfinish(session):
 @pytest.fixture
 def early(request) -> tuple[object, Path]:
     """What the test's ``early`` marker function returned when the session started, and its directory."""
-    return _EARLY[request.node.nodeid]
+    started, directory = _EARLY[request.node.nodeid]
+    if isinstance(started, Exception):
+        raise started
+    return started, directory
 
 
 @pytest.fixture(scope="session")
