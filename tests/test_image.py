@@ -204,8 +204,12 @@ def _start_image_resolve(directory: Path):
     if _this_platform() != lock.IMAGE_PLATFORM:
         return None
     extras = arg_defaults(instructions(DOCKERFILE.read_text()))["SDESEG_EXTRAS"].split(",")
-    return lock.start_resolve(lock.image_requirements(extras), ROOT / LOCK_PATH, directory / "report.json",
-                              directory / "pip.log")
+    return lock.start_resolve(lock.image_requirements(extras), ROOT / LOCK_PATH, *_resolve_files(directory))
+
+
+def _resolve_files(directory: Path) -> tuple[Path, Path]:
+    """pip's report and debug log in the resolve's directory."""
+    return directory / "report.json", directory / "pip.log"
 
 
 def _this_platform() -> tuple[str, str, str]:
@@ -228,7 +232,7 @@ def test_image_requirements_resolve_for_linux_x86_64_python311(early):
         pytest.skip(message)
 
     started, directory = early  # pip started when the session did
-    report, log = directory / "report.json", directory / "pip.log"
+    report, log = _resolve_files(directory)
     proc = lock.finish_resolve(started, report, timeout=400)
     assert proc.returncode == 0, proc.stdout[-8000:]
 

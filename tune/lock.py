@@ -94,6 +94,10 @@ def pip_env() -> dict[str, str]:
     return env
 
 
+def _pip_output(report: Path) -> Path:
+    return report.with_name(f"{report.stem}-pip.out")
+
+
 def start_resolve(requirements: list[str], constraints: Path, report: Path, log: Path) -> subprocess.Popen:
     """Start pip's resolver in dry-run mode and return at once: what ``pip install -c constraints
     requirements`` would install into an empty environment of this interpreter. pip writes its
@@ -104,7 +108,7 @@ def start_resolve(requirements: list[str], constraints: Path, report: Path, log:
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
            "--use-feature=fast-deps", "--report", str(report), "--log", str(log),
            "-c", str(constraints), "-r", str(requirement_file)]
-    with open(report.with_name(f"{report.stem}-pip.out"), "w") as out:  # the child keeps its own descriptor
+    with open(_pip_output(report), "w") as out:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, env=pip_env(), stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -117,7 +121,7 @@ def finish_resolve(proc: subprocess.Popen, report: Path, timeout: float = 600) -
         proc.kill()
         proc.wait()
         raise
-    output = report.with_name(f"{report.stem}-pip.out").read_text()
+    output = _pip_output(report).read_text()
     return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
 
 
